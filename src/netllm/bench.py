@@ -1,0 +1,170 @@
+"""Foundation benchmark: backbone load time, LoRA training throughput, decision latency.
+
+    netllm bench foundation [--llm smollm2] [--device auto] [--out runs/bench-foundation]
+
+Measures, side by side in one run:
+  * load time of the backbone: first load (an empty model cache, GGUF dequantised)
+    and cached load (safetensors from the user cache);
+  * training tokens/s of one LoRA step (forward + backward + AdamW) at batch 8 x 160
+    tokens with all decoder layers and with 6 layers;
+  * decision latency of the return-conditioned policy: KV-cached incremental step vs
+    recomputing the whole context, with the same model and the same context.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from netllm.backbone import LoraSpec, load_backbone
+from netllm.encoders import EncoderSpec
+from netllm.heads import HeadSpec
+from netllm.model import NetLLM, NetLLMConfig
+from netllm.rl import IncrementalPolicy, RLSpec
+from netllm.utils import atomic_write_json, prepare_run_dir, resolve_device, seed_everything
+
+console = Console()
+
+
+def _timed(fn: Any, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_load(llm: str, device: str) -> dict[str, float]:
+    """First load into an empty cache, then the cached load."""
+    old = os.environ.get("NETLLM_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["NETLLM_CACHE"] = cache
+        try:
+            t0 = time.perf_counter()
+            load_backbone(llm, lora=None, device=device)
+            first = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            bb = load_backbone(llm, lora=None, device=device)
+            cached = time.perf_counter() - t0
+        finally:
+            if old is None:
+                os.environ.pop("NETLLM_CACHE", None)
+            else:
+                os.environ["NETLLM_CACHE"] = old
+    return {"load_first_s": first, "load_cached_s": cached, "cache_hit": float(bb.report.from_cache)}
+
+
+def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
+                       batch: int = 8, tokens: int = 160, rank: int = 16) -> dict[str, float]:
+    """Tokens/s of full LoRA training steps on random embeddings of batch x tokens."""
+    seed_everything(0)
+    bb = load_backbone(llm, layers=layers, lora=LoraSpec(rank=rank), device=device)
+    bb.train()
+    params = [p for p in bb.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    dev = bb.device
+    x = torch.randn(batch, tokens, bb.hidden_size, device=dev)
+    mask = torch.ones(batch, tokens, dtype=torch.long, device=dev)
+
+    def step() -> None:
+        hidden, _ = bb(x, mask)
+        loss = hidden.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up
+    times = _timed(step, repeats)
+    median = statistics.median(times)
+    return {"layers": bb.num_layers, "step_s": median, "tokens_per_s": batch * tokens / median}
+
+
+def measure_decisions(llm: str, device: str, layers: int | None, context: int, repeats: int,
+                      episode_steps: int = 48) -> dict[str, float]:
+    """Per-decision latency over an episode: KV-cached incremental vs full recompute."""
+    seed_everything(0)
+    config = NetLLMConfig(
+        task="bench",
+        llm=llm,
+        layers=layers,
+        lora=LoraSpec(rank=16),
+        encoders=[EncoderSpec("throughput_mbps", "series", length=8),
+                  EncoderSpec("download_s", "series", length=8),
+                  EncoderSpec("chunk_sizes_mb", "series", length=6),
+                  EncoderSpec("buffer_s", "scalar", in_dim=1),
+                  EncoderSpec("last_level", "scalar", in_dim=1),
+                  EncoderSpec("chunks_left", "scalar", in_dim=1)],
+        heads={"action": HeadSpec("categorical", num_classes=6)},
+        rl=RLSpec(state_modalities=("throughput_mbps", "download_s", "chunk_sizes_mb", "buffer_s",
+                                    "last_level", "chunks_left"),
+                  context_steps=context, num_actions=6, max_timestep=128),
+    )
+    model = NetLLM(config, device=device).eval()
+    gen = torch.Generator().manual_seed(0)
+    states = [{"throughput_mbps": torch.rand(1, 8, generator=gen), "download_s": torch.rand(1, 8, generator=gen),
+               "chunk_sizes_mb": torch.rand(1, 6, generator=gen), "buffer_s": torch.rand(1, 1, generator=gen),
+               "last_level": torch.rand(1, 1, generator=gen), "chunks_left": torch.rand(1, 1, generator=gen)}
+              for _ in range(episode_steps)]
+    states = [{k: v.to(model.device) for k, v in s.items()} for s in states]
+
+    def episode(incremental: bool) -> None:
+        policy = IncrementalPolicy(model, target=40.0, use_cache=incremental)
+        for s in states:
+            hidden = policy.decide(s)
+            action = model.heads["action"](hidden).argmax(-1)
+            policy.record(action, 0.5)
+
+    episode(True)
+    episode(False)  # warm-up both paths
+    inc = statistics.median(_timed(lambda: episode(True), repeats)) / episode_steps
+    full = statistics.median(_timed(lambda: episode(False), repeats)) / episode_steps
+    return {"layers": model.backbone.num_layers, "context_steps": context,
+            "incremental_ms": inc * 1e3, "full_recompute_ms": full * 1e3, "speedup": full / inc}
+
+
+def run_foundation_bench(llm: str = "smollm2", device: str = "auto", out: str | Path = "runs/bench-foundation",
+                         repeats: int = 3, context: int = 10) -> dict[str, Any]:
+    dev = resolve_device(device)
+    out = prepare_run_dir(out, {"command": "bench foundation", "llm": llm, "device": str(dev),
+                                "repeats": repeats, "context": context})
+    results: dict[str, Any] = {"device": str(dev), "threads": torch.get_num_threads()}
+    console.print(f"[bold]foundation benchmark[/bold] llm={llm} device={dev} threads={torch.get_num_threads()}")
+    results["load"] = measure_load(llm, device)
+    console.print(f"load: first {results['load']['load_first_s']:.1f} s, cached {results['load']['load_cached_s']:.2f} s")
+    results["train"] = []
+    for layers in (None, 6):
+        r = measure_train_step(llm, device, layers, repeats)
+        results["train"].append(r)
+        console.print(f"train step, {r['layers']} layers: {r['tokens_per_s']:.0f} tokens/s")
+    results["decide"] = []
+    for layers in (None, 6):
+        r = measure_decisions(llm, device, layers, context, repeats)
+        results["decide"].append(r)
+        console.print(f"decision, {r['layers']} layers: incremental {r['incremental_ms']:.1f} ms, "
+                      f"full {r['full_recompute_ms']:.1f} ms")
+    atomic_write_json(out / "bench.json", results)
+
+    table = Table(title=f"NetLLM foundation benchmark ({llm}, {dev})")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    table.add_row("backbone load, first (GGUF dequantise)", f"{results['load']['load_first_s']:.1f} s")
+    table.add_row("backbone load, cached", f"{results['load']['load_cached_s']:.2f} s")
+    for r in results["train"]:
+        table.add_row(f"LoRA train step 8x160 tokens, {r['layers']} layers", f"{r['tokens_per_s']:.0f} tokens/s")
+    for r in results["decide"]:
+        table.add_row(f"decision K={r['context_steps']}, {r['layers']} layers: KV cache / full",
+                      f"{r['incremental_ms']:.1f} / {r['full_recompute_ms']:.1f} ms ({r['speedup']:.1f}x)")
+    console.print(table)
+    console.print(f"written: {out / 'bench.json'}")
+    return results

@@ -1,0 +1,225 @@
+"""Networking heads: LLM hidden states -> a VALID task answer, in one forward pass.
+
+They replace the language-model head, so no text is generated or parsed:
+
+    regression  (..., hidden) -> (..., steps, dims)   all future viewports at once (VP)
+    categorical (..., hidden) -> (..., num_classes)   logits over bitrate levels (ABR),
+                                                      executor limits (CJS)
+    candidates  (..., hidden) + (..., M, cand_dim) -> (..., M)
+                                                      a score per runnable stage (CJS);
+                                                      invalid candidates get ~zero probability
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from netllm.utils import NetLLMError
+
+HeadKind = Literal["regression", "categorical", "candidates"]
+HEAD_KINDS: tuple[str, ...] = ("regression", "categorical", "candidates")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """The answer a task wants, e.g. ``HeadSpec("regression", steps=20, dims=3)``.
+
+    regression: ``steps`` x ``dims`` values; categorical: ``num_classes`` logits;
+    candidates: one score per candidate of width ``candidate_dim``.
+    ``hidden_layers`` / ``width`` shape the MLP (0 hidden layers = a single Linear).
+    """
+
+    kind: HeadKind
+    steps: int = 1
+    dims: int = 1
+    num_classes: int | None = None
+    candidate_dim: int | None = None
+    hidden_layers: int = 1
+    width: int = 256
+
+    def __post_init__(self) -> None:
+        where = f"head spec ({self.kind!r})"
+        if self.kind not in HEAD_KINDS:
+            raise NetLLMError(f"head spec: kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+        if not (isinstance(self.hidden_layers, int) and self.hidden_layers >= 0):
+            raise NetLLMError(f"{where}: hidden_layers must be an int >= 0, got {self.hidden_layers!r}")
+        if not _is_pos_int(self.width):
+            raise NetLLMError(f"{where}: width must be a positive int, got {self.width!r}")
+        if self.kind == "regression":
+            for field in ("steps", "dims"):
+                if not _is_pos_int(getattr(self, field)):
+                    raise NetLLMError(f"{where}: {field} must be a positive int, got {getattr(self, field)!r}")
+        if self.kind == "categorical" and not (_is_pos_int(self.num_classes) and self.num_classes >= 2):
+            raise NetLLMError(f"{where}: num_classes must be an int >= 2, got {self.num_classes!r}")
+        if self.kind == "candidates" and not _is_pos_int(self.candidate_dim):
+            raise NetLLMError(f"{where}: candidate_dim must be a positive int, got {self.candidate_dim!r}")
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _mlp(in_dim: int, out_dim: int, hidden_layers: int, width: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(hidden_layers):
+        layers += [nn.Linear(d, width), nn.GELU()]
+        d = width
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def _check_hidden(hidden: Any, hidden_size: int, name: str) -> torch.Tensor:
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 1 or hidden.shape[-1] != hidden_size:
+        got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        raise NetLLMError(f"{name}: expected hidden states of shape (..., {hidden_size}), got {got}")
+    return hidden
+
+
+def _check_mask(mask: Any, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise NetLLMError(f"{name}: mask must be a bool tensor (True = valid)")
+    try:
+        mask = mask.expand(shape)
+    except RuntimeError:
+        raise NetLLMError(f"{name}: mask of shape {tuple(mask.shape)} does not match scores {shape}") from None
+    if not mask.any(-1).all():
+        raise NetLLMError(f"{name}: a row has no valid candidate (mask all False)")
+    return mask
+
+
+def masked_fill_invalid(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Set invalid (``mask`` False) logits to the dtype's most negative finite value.
+
+    ``exp`` of it underflows to exactly 0, so a softmax over the result is exact over
+    the valid entries and never NaN (unlike ``-inf`` in entropy terms ``p * log p``).
+    """
+    return logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+
+
+def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """``log_softmax`` over the valid entries only; invalid ones get ~``finfo.min``.
+
+    Raises ``NetLLMError`` if some row has no valid entry.
+    """
+    if mask.dtype != torch.bool:
+        raise NetLLMError("masked_log_softmax: mask must be a bool tensor (True = valid)")
+    mask = mask.expand_as(logits)
+    if not mask.any(dim).all():
+        raise NetLLMError("masked_log_softmax: a row has no valid entry (mask all False)")
+    return torch.log_softmax(masked_fill_invalid(logits, mask), dim=dim)
+
+
+class RegressionHead(nn.Module):
+    """All ``steps`` future values of ``dims`` each, from ONE pass (no autoregression).
+
+    ``(..., hidden_size) -> (..., steps, dims)``.
+    """
+
+    def __init__(self, hidden_size: int, steps: int, dims: int, hidden_layers: int = 1, width: int = 256) -> None:
+        super().__init__()
+        self.hidden_size, self.steps, self.dims = hidden_size, steps, dims
+        self.mlp = _mlp(hidden_size, steps * dims, hidden_layers, width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = _check_hidden(hidden, self.hidden_size, "RegressionHead")
+        out = self.mlp(hidden.to(self.mlp[0].weight.dtype))
+        return out.reshape(*hidden.shape[:-1], self.steps, self.dims)
+
+
+class CategoricalHead(nn.Module):
+    """Logits over a fixed set of actions (bitrate levels, executor limits).
+
+    ``(..., hidden_size) -> (..., num_classes)``; an optional bool ``mask`` (True = allowed)
+    pushes disallowed classes to ~zero probability.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int, hidden_layers: int = 1, width: int = 256) -> None:
+        super().__init__()
+        self.hidden_size, self.num_classes = hidden_size, num_classes
+        self.mlp = _mlp(hidden_size, num_classes, hidden_layers, width)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = _check_hidden(hidden, self.hidden_size, "CategoricalHead")
+        logits = self.mlp(hidden.to(self.mlp[0].weight.dtype))
+        if mask is not None:
+            logits = masked_fill_invalid(logits, _check_mask(mask, tuple(logits.shape), "CategoricalHead"))
+        return logits
+
+
+class CandidateScoreHead(nn.Module):
+    """A score per candidate of a variable-size set (e.g. the runnable stages of a CJS event).
+
+    ``score_m = MLP(concat(hidden, candidate_m))``, computed as ``W_h hidden + W_c candidate_m``
+    for the first layer (the same function, without materialising the concatenation).
+    hidden ``(..., hidden_size)``, candidates ``(..., M, candidate_dim)``, mask ``(..., M)``
+    bool (True = valid) -> scores ``(..., M)``; invalid candidates get ``finfo.min``.
+    Permuting the candidates permutes the scores.
+    """
+
+    def __init__(self, hidden_size: int, candidate_dim: int, hidden_layers: int = 1, width: int = 256) -> None:
+        super().__init__()
+        self.hidden_size, self.candidate_dim = hidden_size, candidate_dim
+        first = width if hidden_layers > 0 else 1
+        self.hidden_in = nn.Linear(hidden_size, first)
+        self.candidate_in = nn.Linear(candidate_dim, first, bias=False)
+        self.rest = (
+            nn.Sequential(nn.GELU(), _mlp(width, 1, hidden_layers - 1, width)) if hidden_layers > 0 else nn.Identity()
+        )
+
+    def forward(
+        self, hidden: torch.Tensor, candidates: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        hidden = _check_hidden(hidden, self.hidden_size, "CandidateScoreHead")
+        if (
+            not isinstance(candidates, torch.Tensor)
+            or candidates.dim() < 2
+            or candidates.shape[-1] != self.candidate_dim
+        ):
+            got = tuple(candidates.shape) if isinstance(candidates, torch.Tensor) else type(candidates).__name__
+            raise NetLLMError(
+                f"CandidateScoreHead: expected candidates of shape (..., M, {self.candidate_dim}), got {got}"
+            )
+        try:
+            lead = torch.broadcast_shapes(hidden.shape[:-1], candidates.shape[:-2])
+        except RuntimeError:
+            raise NetLLMError(
+                f"CandidateScoreHead: hidden {tuple(hidden.shape)} and candidates "
+                f"{tuple(candidates.shape)} have incompatible batch dimensions"
+            ) from None
+        dtype = self.hidden_in.weight.dtype
+        h = self.hidden_in(hidden.to(dtype)).unsqueeze(-2)            # (..., 1, W)
+        c = self.candidate_in(candidates.to(dtype))                   # (..., M, W)
+        scores = self.rest(h + c).squeeze(-1)                         # (..., M)
+        if mask is not None:
+            mask = _check_mask(mask, (*lead, candidates.shape[-2]), "CandidateScoreHead")
+            scores = masked_fill_invalid(scores, mask)
+        return scores
+
+
+def build_head(spec: HeadSpec, hidden_size: int) -> nn.Module:
+    """The head for one spec, reading LLM hidden states of width ``hidden_size``."""
+    if spec.kind == "regression":
+        return RegressionHead(hidden_size, spec.steps, spec.dims, spec.hidden_layers, spec.width)
+    if spec.kind == "categorical":
+        assert spec.num_classes is not None
+        return CategoricalHead(hidden_size, spec.num_classes, spec.hidden_layers, spec.width)
+    if spec.kind == "candidates":
+        assert spec.candidate_dim is not None
+        return CandidateScoreHead(hidden_size, spec.candidate_dim, spec.hidden_layers, spec.width)
+    raise NetLLMError(f"head spec: unknown kind {spec.kind!r}")
+
+
+__all__ = [
+    "HeadSpec",
+    "RegressionHead",
+    "CategoricalHead",
+    "CandidateScoreHead",
+    "masked_log_softmax",
+    "masked_fill_invalid",
+    "build_head",
+]

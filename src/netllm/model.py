@@ -1,0 +1,288 @@
+"""NetLLM = modality encoders -> frozen LLM (+LoRA) -> networking heads.
+
+A task declares its encoders and heads in a :class:`NetLLMConfig`; the model embeds
+each modality into token-like vectors, runs the LLM on them as ``inputs_embeds`` and
+decodes the hidden state of the last real token with each head in ONE pass.
+
+A trained adapter is a folder (never the base LLM, never pickle):
+
+    adapter_config.json         task, backbone spec, layers, LoRA, encoder/head specs,
+                                normalisation constants, library versions, git revision
+    adapter_model.safetensors   LoRA weights in peft's key format
+    netllm_modules.safetensors  encoders + heads (+ return/time/action embeddings)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from netllm.backbone import DEFAULT_LLM, Backbone, LoraSpec, load_backbone
+from netllm.encoders import EncoderSpec, ModalityEncoders
+from netllm.heads import HeadSpec, build_head
+from netllm.utils import NetLLMError, provenance
+
+ADAPTER_CONFIG = "adapter_config.json"
+LORA_WEIGHTS = "adapter_model.safetensors"
+MODULE_WEIGHTS = "netllm_modules.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class NetLLMConfig:
+    """Everything needed to rebuild a NetLLM model around a backbone."""
+
+    task: str
+    encoders: list[EncoderSpec]
+    heads: dict[str, HeadSpec]
+    llm: str = DEFAULT_LLM
+    layers: int | None = None  # keep the first N decoder layers (None = all)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    pretrained: bool = True  # False = same architecture, random weights (ablation)
+    seed: int = 0  # seeds the random weights when pretrained=False
+    rl: Any = None  # netllm.rl.RLSpec for decision tasks
+    norm: dict[str, Any] = field(default_factory=dict)  # task normalisation constants
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "llm": self.llm,
+            "layers": self.layers,
+            "lora": self.lora.to_dict(),
+            "pretrained": self.pretrained,
+            "seed": self.seed,
+            "encoders": [_spec_to_json(s) for s in self.encoders],
+            "heads": {k: _spec_to_json(v) for k, v in self.heads.items()},
+            "rl": _spec_to_json(self.rl) if self.rl is not None else None,
+            "norm": self.norm,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "NetLLMConfig":
+        from netllm.rl import RLSpec
+
+        return cls(
+            task=d["task"],
+            llm=d["llm"],
+            layers=d.get("layers"),
+            lora=LoraSpec.from_dict(d["lora"]),
+            pretrained=bool(d.get("pretrained", True)),
+            seed=int(d.get("seed", 0)),
+            encoders=[_spec_from_json(EncoderSpec, s) for s in d["encoders"]],
+            heads={k: _spec_from_json(HeadSpec, v) for k, v in d["heads"].items()},
+            rl=_spec_from_json(RLSpec, d["rl"]) if d.get("rl") else None,
+            norm=d.get("norm", {}),
+        )
+
+
+def _spec_to_json(spec: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in fields(spec):
+        value = getattr(spec, f.name)
+        if hasattr(value, "to_dict") and not isinstance(value, dict):  # a transformers config
+            value = {"model_type": value.model_type, **value.to_dict()}
+        elif isinstance(value, tuple):
+            value = list(value)
+        elif is_dataclass(value):
+            value = asdict(value)
+        out[f.name] = value
+    return out
+
+
+def _spec_from_json(cls: type, d: dict[str, Any]) -> Any:
+    d = dict(d)
+    for f in fields(cls):
+        value = d.get(f.name)
+        if isinstance(value, dict) and "model_type" in value:
+            from transformers import AutoConfig
+
+            value = dict(value)
+            d[f.name] = AutoConfig.for_model(value.pop("model_type"), **value)
+        elif isinstance(value, list) and "tuple" in str(f.type):
+            d[f.name] = tuple(value)
+    return cls(**d)
+
+
+class NetLLM(nn.Module):
+    """Encoders -> LLM -> heads. Only LoRA, encoders and heads are trainable."""
+
+    def __init__(self, config: NetLLMConfig, backbone: Backbone | None = None, *, device: str = "auto",
+                 dtype: str = "auto") -> None:
+        super().__init__()
+        if backbone is None:
+            backbone = load_backbone(
+                config.llm, layers=config.layers, lora=config.lora, pretrained=config.pretrained,
+                seed=config.seed, device=device, dtype=dtype,
+            )
+        self.config = config
+        self.backbone = backbone
+        hidden = backbone.hidden_size
+        self.encoders = ModalityEncoders(config.encoders, hidden)
+        self.heads = nn.ModuleDict({name: build_head(spec, hidden) for name, spec in config.heads.items()})
+        self.rl_tokens: nn.Module | None = None
+        if config.rl is not None:
+            from netllm.rl import ReturnTokens
+
+            self.rl_tokens = ReturnTokens(config.rl, hidden)
+        self.to(backbone.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.hidden_size
+
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Encode each declared modality and concatenate the tokens in declaration order.
+
+        Every input has a token axis: ``inputs[name]`` is (B, n_tokens, *feature shape);
+        the result is (B, sum of n_tokens, hidden).
+        """
+        missing = [s.name for s in self.config.encoders if s.name not in inputs]
+        if missing:
+            raise NetLLMError(f"inputs: missing modality {missing[0]!r} (declared: "
+                              f"{[s.name for s in self.config.encoders]})")
+        tokens = [self.encoders(s.name, inputs[s.name].to(self.device)) for s in self.config.encoders]
+        return torch.cat(tokens, dim=1)
+
+    def hidden(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """LLM hidden states (float32) for token embeddings (B, L, H)."""
+        hidden, cache = self.backbone(embeds, attention_mask, **kw)
+        return hidden.float(), cache
+
+    def forward(
+        self, inputs: dict[str, torch.Tensor], attention_mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One pass: embed -> LLM -> every head on the last real token's hidden state."""
+        embeds = self.embed(inputs)
+        hidden, _ = self.hidden(embeds, attention_mask)
+        last = last_token_hidden(hidden, attention_mask)
+        return {name: head(last) for name, head in self.heads.items()}
+
+    def trainable_summary(self) -> dict[str, int]:
+        llm_trainable, llm_total = self.backbone.parameter_counts()
+        own = [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+        return {
+            "llm_total": llm_total,
+            "lora": llm_trainable,
+            "encoders_heads": sum(p.numel() for p in own if p.requires_grad),
+            "trainable": llm_trainable + sum(p.numel() for p in own if p.requires_grad),
+        }
+
+    # ------------------------------------------------------------------ adapter folder
+
+    def module_state_dict(self) -> dict[str, torch.Tensor]:
+        """Encoders, heads and RL token embeddings: everything outside the backbone."""
+        return {
+            k: v.detach().cpu().contiguous()
+            for k, v in self.state_dict().items()
+            if not k.startswith("backbone.")
+        }
+
+    def save_adapter(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+        """Write the adapter folder atomically (temp folder, then rename)."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            config = {
+                "format_version": FORMAT_VERSION,
+                **self.config.to_dict(),
+                "layers": self.backbone.num_layers,
+                "backbone_name": self.backbone.name,
+                "hidden_size": self.hidden_size,
+                "extra": extra or {},
+                **provenance(),
+            }
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
+            save_file(self.backbone.lora_state_dict(), str(tmp / LORA_WEIGHTS), metadata={"format": "pt"})
+            save_file(self.module_state_dict(), str(tmp / MODULE_WEIGHTS), metadata={"format": "pt"})
+            if folder.exists():
+                old = folder.with_name(f".{folder.name}.old")
+                os.replace(folder, old)
+                os.replace(tmp, folder)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def from_adapter(
+        cls,
+        folder: str | os.PathLike[str],
+        *,
+        task: str | None = None,
+        llm: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> "NetLLM":
+        """Rebuild a model from an adapter folder on top of its base LLM."""
+        config_dict = read_adapter_config(folder)
+        folder = Path(folder)
+        if task is not None and config_dict["task"] != task:
+            raise NetLLMError(f"{folder}: adapter is for task {config_dict['task']!r}, not {task!r}")
+        if llm is not None and llm != config_dict["llm"]:
+            raise NetLLMError(
+                f"{folder}: adapter was trained on backbone {config_dict['llm']!r}, not --llm {llm!r}"
+            )
+        config = NetLLMConfig.from_dict(config_dict)
+        model = cls(config, device=device, dtype=dtype)
+        if model.hidden_size != config_dict.get("hidden_size", model.hidden_size):
+            raise NetLLMError(
+                f"{folder}: adapter expects hidden size {config_dict['hidden_size']}, backbone "
+                f"{config.llm!r} has {model.hidden_size}"
+            )
+        try:
+            lora_state = load_file(str(folder / LORA_WEIGHTS))
+            module_state = load_file(str(folder / MODULE_WEIGHTS))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise NetLLMError(f"{folder}: unreadable adapter weights: {e}") from None
+        model.backbone.load_lora_state_dict(lora_state, str(folder / LORA_WEIGHTS))
+        own = model.module_state_dict()
+        if set(own) != set(module_state):
+            diff = sorted(set(own) ^ set(module_state))[:3]
+            raise NetLLMError(f"{folder / MODULE_WEIGHTS}: modules do not match the config, e.g. {diff}")
+        model.load_state_dict(module_state, strict=False)
+        model.eval()
+        return model
+
+
+def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / ADAPTER_CONFIG
+    if not path.is_file():
+        raise NetLLMError(f"{folder}: not a NetLLM adapter folder (no {ADAPTER_CONFIG})")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NetLLMError(f"{path}: unreadable adapter config: {e}") from None
+    for key in ("task", "llm", "encoders", "heads", "lora"):
+        if key not in config:
+            raise NetLLMError(f"{path}: adapter config lacks {key!r}")
+    return config
+
+
+def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden state of the last real token of each row (right or left padding)."""
+    if attention_mask is None:
+        return hidden[:, -1]
+    length = attention_mask.shape[1]
+    # index of the last 1 in each row
+    idx = length - 1 - torch.flip(attention_mask.long(), dims=[1]).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]

@@ -1,0 +1,161 @@
+"""Small shared pieces: the user-facing error, seeding, atomic writes, run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+
+class NetLLMError(Exception):
+    """An error the user can cause and fix (missing data, bad file, bad option).
+
+    The CLI prints its message on one line, without a traceback, and exits non-zero.
+    The message must name the file or option at fault.
+    """
+
+
+def seed_everything(seed: int) -> None:
+    """The one place randomness is seeded: Python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` on success.
+
+    On any exception the temporary file is removed, so a half-written output is never
+    left behind under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def cache_dir() -> Path:
+    """The user cache folder (``$NETLLM_CACHE`` or ``$XDG_CACHE_HOME/netllm``)."""
+    if os.environ.get("NETLLM_CACHE"):
+        return Path(os.environ["NETLLM_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "netllm"
+
+
+def git_revision() -> str | None:
+    """The git revision of the source tree, with ``-dirty`` when it has changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here, capture_output=True, text=True, timeout=5,
+        )
+        return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour decides the numbers."""
+    out = {"python": platform.python_version()}
+    for name in ("netllm", "torch", "transformers", "peft", "numpy", "safetensors", "gguf"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def provenance() -> dict[str, Any]:
+    """What every artefact records so its numbers trace back to code and libraries."""
+    return {"git_revision": git_revision(), "versions": library_versions()}
+
+
+def prepare_run_dir(out: str | os.PathLike[str], config: dict[str, Any]) -> Path:
+    """Create ``runs/<name>/`` and snapshot the command's config with provenance."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {"config": config, **provenance()})
+    return out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """Parse ``--seeds``: a list (``1,2,3``), a range (``1-10``) or a mix (``1-3,7``)."""
+    seeds: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                lo_s, hi_s = part.split("-", 1) if not part.startswith("-") else (part, "")
+                lo, hi = int(lo_s), int(hi_s)
+                if hi < lo:
+                    raise ValueError
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise NetLLMError(
+                f"--seeds: cannot parse {text!r}; use a list (1,2,3) or a range (1-10)"
+            ) from None
+    if not seeds:
+        raise NetLLMError(f"--seeds: no seed in {text!r}")
+    return seeds
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; anything else must be available."""
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NetLLMError(f"--device: unknown device {device!r}; use auto, cpu, cuda or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NetLLMError(f"--device: {device!r} requested but CUDA is not available")
+    if dev.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise NetLLMError(f"--device: {device!r} requested but MPS is not available")
+    return dev
