@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -21,12 +22,20 @@ def _quiet_transformers() -> None:
 
 def _save_tiny(folder: Path, family: str) -> Path:
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              OPTConfig, OPTForCausalLM)
+                              MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
 
     torch.manual_seed(0)
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(
             vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2))
+    elif family in ("qwen2", "mistral"):
+        config_cls, model_cls = ((Qwen2Config, Qwen2ForCausalLM) if family == "qwen2"
+                                 else (MistralConfig, MistralForCausalLM))
+        model = model_cls(config_cls(
+            vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
             bos_token_id=1, eos_token_id=2, pad_token_id=2))
     elif family == "gpt2":
@@ -49,7 +58,7 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return {f: str(_save_tiny(tmp_path_factory.mktemp(f"tiny-{f}"), f)) for f in ("llama", "gpt2", "opt")}
+    return {f: str(_save_tiny(tmp_path_factory.mktemp(f"tiny-{f}"), f)) for f in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from netllm.backbone import LoraSpec, load_backbone
 from netllm.utils import NetLLMError
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gpt2", "opt"])
 def test_families_load_with_lora_and_truncation(tiny_models, family):
     bb = load_backbone(tiny_models[family], layers=2, lora=LoraSpec(rank=4, mlp=True), device="cpu")
     assert bb.num_layers == 2
