@@ -38,6 +38,13 @@ CORRUPT = "cjs/tpch/2g/adj_mat_1.npy"
 DERIVED = "abr/pretrained/genet_actor.npz"  # not published upstream
 
 
+@pytest.fixture(autouse=True)
+def _no_task_post_fetch(monkeypatch):
+    """Tasks imported by other tests register post-fetch steps (ABR's checkpoint
+    converter); these tests serve a handful of fake files, so start from none."""
+    monkeypatch.setattr(data, "POST_FETCH", {})
+
+
 @pytest.fixture
 def manifest() -> data.Manifest:
     return data.build_manifest({**{p: sha(b) for p, b in FILES.items()}, DERIVED: "0" * 64})

