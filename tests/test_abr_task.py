@@ -61,6 +61,7 @@ def test_pool_adapt_eval_end_to_end(tiny_llama, tmp_path):
                          eval_every=2)
     adapter = adapt(loaded, tmp_path / "run", recipe, device="cpu", eval_traces=traces[:2], eval_video=video,
                     progress=False)
+    assert adapter == tmp_path / "run"  # `eval --policy runs/<name>` takes the run folder itself
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["task"] == "abr" and config["extra"]["target_return"] > 0
     metrics = (tmp_path / "run" / "train" / "metrics.csv").read_text()
@@ -70,6 +71,8 @@ def test_pool_adapt_eval_end_to_end(tiny_llama, tmp_path):
     result = evaluate(policy, traces, video, [1, 2])
     assert set(result.per_seed) == {1, 2} and np.isfinite(result.mean)
     assert len(result.rows) == 12
+    policy.use_cache = False  # the same decisions when the whole context is recomputed
+    assert evaluate(policy, traces, video, [1, 2]).per_seed == pytest.approx(result.per_seed, abs=1e-9)
 
 
 def test_make_policy_errors(tmp_path):

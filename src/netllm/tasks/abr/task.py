@@ -118,8 +118,10 @@ def run_episodes(policy: Any, traces: Sequence[Any], video: Any, seed: int, reco
 class NetLLMABRPolicy:
     """A trained adapter behind the baselines' interface, deciding with the KV cache."""
 
-    def __init__(self, model: NetLLM, target: float, sample: bool = False, name: str = "netllm") -> None:
+    def __init__(self, model: NetLLM, target: float, sample: bool = False, name: str = "netllm",
+                 use_cache: bool = True) -> None:
         self.model, self.target, self.sample, self.name = model, target, sample, name
+        self.use_cache = use_cache  # False recomputes the whole context per decision (a benchmark control)
         self.inc: IncrementalPolicy | None = None
         self.last_levels: np.ndarray | None = None
 
@@ -132,7 +134,8 @@ class NetLLMABRPolicy:
         return cls(model, goal, sample=sample, name=Path(folder).name)
 
     def reset(self, env: Any, seed: int) -> None:
-        self.inc = IncrementalPolicy(self.model, target=self.target, batch_size=env.num_envs)
+        self.inc = IncrementalPolicy(self.model, target=self.target, batch_size=env.num_envs,
+                                     use_cache=self.use_cache)
         self.last_levels = None
         self.rng = torch.Generator().manual_seed(int(seed))
 
@@ -264,7 +267,7 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
     t0 = time.perf_counter()
     train(model, sampler.batch, action_loss, train_config, out / "train", eval_fn=eval_fn, resume=resume)
     model.eval()
-    adapter = model.save_adapter(out / "adapter", extra={
+    adapter = model.save_adapter(out, extra={
         "target_return": goal, "recipe": recipe.__dict__, "pool": pool.meta,
         "train_seconds": time.perf_counter() - t0,
     })
@@ -468,27 +471,17 @@ def demo_data() -> tuple[list[Any], list[Any], Any, str]:
 def speed_report(adapter: Path, device: str = "auto", traces: int = 100) -> dict[str, float]:
     """Simulated chunks/s (batched vs one trace at a time) and NetLLM decision latency
     with the KV cache vs full recompute, on real-shaped observations."""
-    from netllm.tasks.abr.baselines import make_baseline
     from netllm.tasks.abr.env import benchmark_chunks_per_s
     from netllm.tasks.abr.traces import load_traces, load_video
 
     report: dict[str, float] = dict(benchmark_chunks_per_s(load_traces("fcc-test")[:traces], load_video("video1")))
     one = load_traces("fcc-test")[:1]
     video = load_video("video1")
+    policy = NetLLMABRPolicy.from_adapter(adapter, device=device)
     for use_cache in (True, False):
-        policy = NetLLMABRPolicy.from_adapter(adapter, device=device)
-        original = IncrementalPolicy.__init__
-
-        def init(self: Any, *a: Any, _orig: Any = original, _cache: bool = use_cache, **kw: Any) -> None:
-            _orig(self, *a, **{**kw, "use_cache": _cache})
-
-        IncrementalPolicy.__init__ = init  # type: ignore[method-assign]
-        try:
-            t0 = time.perf_counter()
-            ep = run_episodes(policy, one, video, seed=1)
-            per_decision = (time.perf_counter() - t0) / ep.qoe.shape[1]
-        finally:
-            IncrementalPolicy.__init__ = original  # type: ignore[method-assign]
+        policy.use_cache = use_cache
+        t0 = time.perf_counter()
+        ep = run_episodes(policy, one, video, seed=1)
+        per_decision = (time.perf_counter() - t0) / ep.qoe.shape[1]
         report["decision_ms_kv_cache" if use_cache else "decision_ms_full_recompute"] = per_decision * 1e3
-    del make_baseline
     return report
