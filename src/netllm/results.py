@@ -15,7 +15,10 @@ from rich.table import Table
 from netllm.tasks.base import Metrics
 from netllm.utils import atomic_path, atomic_write_json, atomic_write_text
 
-console = Console()
+import sys
+
+# a comparison table must not wrap in logs and CI output
+console = Console() if sys.stdout.isatty() else Console(width=130)
 
 
 def write_results(
