@@ -14,6 +14,7 @@ from torch import nn
 import netllm.train as train_mod
 from netllm.train import (
     TrainConfig,
+    completed_steps,
     load_trainable_state_dict,
     lr_at,
     train,
@@ -99,6 +100,8 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path):
     model_b = Toy(head_seed=3)
     interrupted = train(model_b, get_batch, mse, cfg, tmp_path / "b", stop_after=10)
     assert interrupted.steps_done == 10
+    assert completed_steps(tmp_path / "b") == 8 and completed_steps(tmp_path / "a") == 12
+    assert completed_steps(tmp_path / "nowhere") == 0
     state = load_file(tmp_path / "b" / "checkpoint" / "model.safetensors")
     assert state.keys() == {"head.weight", "head.bias"}
     # only the periodic checkpoint (step 8) survived the "crash" at step 10

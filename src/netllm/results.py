@@ -61,7 +61,8 @@ def write_results(
         writer.writerows(rows)
         atomic_write_text(out / "rows.csv", buf.getvalue())
     _plots(out, results, title, cdf_key)
-    console.print(f"written: {out / 'results.json'}, {out / 'rows.csv'}, {out / 'bar.png'}, {out / 'cdf.png'}")
+    written = ["results.json"] + (["rows.csv"] if rows else []) + ["bar.png"] + (["cdf.png"] if cdf_key else [])
+    console.print(f"written in {out}: {', '.join(written)}")
 
 
 def _plots(out: Path, results: dict[str, Metrics], title: str, cdf_key: str | None) -> None:
@@ -79,7 +80,7 @@ def _plots(out: Path, results: dict[str, Metrics], title: str, cdf_key: str | No
     ax.set_title(title)
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
-    _save(fig, out / "bar.png")
+    save_figure(fig, out / "bar.png")
     if cdf_key:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for n in names:
@@ -91,10 +92,11 @@ def _plots(out: Path, results: dict[str, Metrics], title: str, cdf_key: str | No
         ax.legend(fontsize=8)
         ax.set_title(title)
         fig.tight_layout()
-        _save(fig, out / "cdf.png")
+        save_figure(fig, out / "cdf.png")
     plt.close("all")
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a matplotlib figure as PNG atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

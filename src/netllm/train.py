@@ -380,6 +380,15 @@ def _recover_checkpoint(out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def completed_steps(out_dir: str | os.PathLike[str]) -> int:
+    """The step of the last checkpoint in ``out_dir`` (0 when there is none): a run whose
+    value equals its ``steps`` has finished."""
+    try:
+        return int(json.loads((Path(out_dir) / "checkpoint" / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def _load_checkpoint(
     ckpt: Path,
     model: nn.Module,

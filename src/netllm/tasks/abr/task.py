@@ -18,9 +18,10 @@ from rich.console import Console
 from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
-from netllm.model import NetLLM, NetLLMConfig, read_adapter_config
+from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_config
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
+from netllm.train import completed_steps
 from netllm.utils import NetLLMError, prepare_run_dir, seed_everything
 
 console = Console()
@@ -254,24 +255,31 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
     sampler = WindowSampler(pool, config.rl, batch_size=recipe.batch_size, seed=recipe.seed)
     goal = target_return(pool, recipe.target_quantile)
 
+    best = {"qoe": -float("inf"), "step": 0}
+    t0 = time.perf_counter()
+
+    def extra() -> dict[str, Any]:
+        return {"target_return": goal, "recipe": recipe.__dict__, "pool": pool.meta, "best": dict(best),
+                "train_seconds": time.perf_counter() - t0}
+
     eval_fn: Callable[[Any, int], dict[str, float]] | None = None
     if eval_traces:
         def eval_fn(m: Any, step: int) -> dict[str, float]:
-            result = evaluate(NetLLMABRPolicy(m, goal), eval_traces, eval_video, [1])
-            return {"qoe": result.mean}
+            qoe = evaluate(NetLLMABRPolicy(m, goal), eval_traces, eval_video, [1]).mean
+            if qoe > best["qoe"]:  # keep the checkpoint that is best on the validation traces
+                best.update(qoe=qoe, step=step)
+                m.save_adapter(out, extra=extra())
+            return {"qoe": qoe}
 
     train_config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                                weight_decay=recipe.weight_decay, eval_every=recipe.eval_every,
                                checkpoint_every=max(recipe.steps // 10, 50), log_every=10, seed=recipe.seed,
                                progress=progress)
-    t0 = time.perf_counter()
     train(model, sampler.batch, action_loss, train_config, out / "train", eval_fn=eval_fn, resume=resume)
-    model.eval()
-    adapter = model.save_adapter(out, extra={
-        "target_return": goal, "recipe": recipe.__dict__, "pool": pool.meta,
-        "train_seconds": time.perf_counter() - t0,
-    })
-    return adapter
+    if eval_fn is None or not (out / ADAPTER_CONFIG).is_file():
+        model.eval()
+        model.save_adapter(out, extra=extra())
+    return out
 
 
 class ABRTask(Task):
@@ -416,7 +424,7 @@ class ABRTask(Task):
                                              lr=3e-4)
         valid = load_traces("fcc-valid")[:20]
         for name, recipe in runs.items():
-            if (out / name / "adapter_config.json").is_file():
+            if (out / name / ADAPTER_CONFIG).is_file() and completed_steps(out / name / "train") >= recipe.steps:
                 continue
             t0 = time.perf_counter()
             adapt(pool, out / name, recipe, device=device, resume=True, eval_traces=valid,
