@@ -255,6 +255,40 @@ class NetLLM(nn.Module):
         return model
 
 
+class BestAdapter:
+    """Keeps in ``folder`` the adapter of the evaluation with the best validation score.
+
+    Call ``update(model, score, step)`` from the training loop's eval callback and
+    ``finish(model)`` after training: without any evaluation the final model is saved.
+    ``extra()`` supplies the run's details; ``{"best": {metric: score, "step": step}}``
+    is added to them.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str], metric: str, higher_is_better: bool,
+                 extra: Any = dict) -> None:
+        self.folder, self.metric, self.higher_is_better, self.extra = Path(folder), metric, higher_is_better, extra
+        self.best: dict[str, float] = {metric: -float("inf") if higher_is_better else float("inf"), "step": 0}
+        self.saved = False
+
+    def _save(self, model: "NetLLM") -> None:
+        model.save_adapter(self.folder, extra={**self.extra(), "best": dict(self.best)})
+        self.saved = True
+
+    def update(self, model: "NetLLM", score: float, step: int) -> bool:
+        current = self.best[self.metric]
+        if (score > current) if self.higher_is_better else (score < current):
+            self.best.update({self.metric: score, "step": step})
+            self._save(model)
+            return True
+        return False
+
+    def finish(self, model: "NetLLM") -> Path:
+        if not self.saved:
+            model.eval()
+            self._save(model)
+        return self.folder
+
+
 def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG

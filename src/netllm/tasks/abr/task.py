@@ -18,7 +18,7 @@ from rich.console import Console
 from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
-from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_config
+from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, NetLLMConfig, read_adapter_config
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
 from netllm.train import completed_steps
@@ -255,20 +255,16 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
     sampler = WindowSampler(pool, config.rl, batch_size=recipe.batch_size, seed=recipe.seed)
     goal = target_return(pool, recipe.target_quantile)
 
-    best = {"qoe": -float("inf"), "step": 0}
     t0 = time.perf_counter()
-
-    def extra() -> dict[str, Any]:
-        return {"target_return": goal, "recipe": recipe.__dict__, "pool": pool.meta, "best": dict(best),
-                "train_seconds": time.perf_counter() - t0}
+    keeper = BestAdapter(out, "qoe", higher_is_better=True, extra=lambda: {
+        "target_return": goal, "recipe": recipe.__dict__, "pool": pool.meta,
+        "train_seconds": time.perf_counter() - t0})
 
     eval_fn: Callable[[Any, int], dict[str, float]] | None = None
     if eval_traces:
         def eval_fn(m: Any, step: int) -> dict[str, float]:
             qoe = evaluate(NetLLMABRPolicy(m, goal), eval_traces, eval_video, [1]).mean
-            if qoe > best["qoe"]:  # keep the checkpoint that is best on the validation traces
-                best.update(qoe=qoe, step=step)
-                m.save_adapter(out, extra=extra())
+            keeper.update(m, qoe, step)  # keep the checkpoint that is best on the validation traces
             return {"qoe": qoe}
 
     train_config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
@@ -276,10 +272,7 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
                                checkpoint_every=max(recipe.steps // 10, 50), log_every=10, seed=recipe.seed,
                                progress=progress)
     train(model, sampler.batch, action_loss, train_config, out / "train", eval_fn=eval_fn, resume=resume)
-    if eval_fn is None or not (out / ADAPTER_CONFIG).is_file():
-        model.eval()
-        model.save_adapter(out, extra=extra())
-    return out
+    return keeper.finish(model)
 
 
 class ABRTask(Task):

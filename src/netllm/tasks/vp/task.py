@@ -17,7 +17,6 @@ says the viewer goes.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ from rich.console import Console
 
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
-from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig
+from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, NetLLMConfig
 from netllm.backbone import LoraSpec
 from netllm.tasks.base import Metrics, Task
 from netllm.train import completed_steps
@@ -267,20 +266,15 @@ def adapt(train_samples: Samples, out: Path, recipe: AdaptRecipe, *, valid: Samp
                           pretrained=recipe.pretrained, seed=recipe.seed)
     model = build_model(config, device=device)
     steps = recipe.steps(len(train_samples))
-    best = {"mae": float("inf"), "step": 0}
     t0 = time.perf_counter()
-
-    def extra() -> dict[str, Any]:
-        return {"recipe": asdict(recipe), "train_samples": len(train_samples), "best": dict(best),
-                "train_seconds": time.perf_counter() - t0}
+    keeper = BestAdapter(out, "mae", higher_is_better=False, extra=lambda: {
+        "recipe": asdict(recipe), "train_samples": len(train_samples), "train_seconds": time.perf_counter() - t0})
 
     eval_fn = None
     if valid is not None:
         def eval_fn(m: Any, step: int) -> dict[str, float]:
             mae = float(evaluate(NetLLMVPPolicy(m), valid)[0].mean)
-            if mae < best["mae"]:
-                best.update(mae=mae, step=step)
-                m.save_adapter(out, extra=extra())
+            keeper.update(m, mae, step)
             return {"valid_mae_deg": mae}
 
     train_config = TrainConfig(steps=steps, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, steps // 4),
@@ -289,10 +283,7 @@ def adapt(train_samples: Samples, out: Path, recipe: AdaptRecipe, *, valid: Samp
                                progress=progress, schedule="cosine", min_lr=recipe.lr / 10)
     train(model, batches(train_samples, recipe.batch_size, recipe.seed), vp_loss, train_config, out / "train",
           eval_fn=eval_fn, resume=resume)
-    if valid is None or not (out / ADAPTER_CONFIG).is_file():
-        model.eval()
-        model.save_adapter(out, extra=extra())
-    return out
+    return keeper.finish(model)
 
 
 # ----------------------------------------------------------------------------- the task

@@ -1,0 +1,56 @@
+"""`netllm eval cjs` end to end on the real TPC-H jobs, and its option errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from netllm.tasks import get_task
+from netllm.tasks.cjs.task import env_config, make_policy
+from netllm.utils import NetLLMError
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "netllm.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_task_is_registered_with_its_heads():
+    task = get_task("cjs")
+    assert task.metric == "jct_s" and not task.higher_is_better
+    assert set(task.heads()) == {"stage", "executors"}
+    assert set(task.baselines()) == {"fifo", "fair", "decima"}
+
+
+def test_bad_options_name_themselves():
+    with pytest.raises(NetLLMError, match="--jobs"):
+        env_config(jobs="many")
+    with pytest.raises(NetLLMError, match="--executors"):
+        env_config(executors=0)
+    with pytest.raises(NetLLMError, match="--policy: .*unknown CJS scheduler 'lifo'"):
+        make_policy("lifo", env_config())
+
+
+@pytest.mark.integration
+def test_cli_eval_writes_results_rows_and_cdf(real_data, tmp_path):
+    out = tmp_path / "eval"
+    done = _cli("eval", "cjs", "--policy", "fifo", "--policy", "fair", "--policy", "decima", "--jobs", "8",
+                "--seeds", "1,2", "--out", str(out), env={"NETLLM_DATA": str(real_data)})
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"fifo", "fair", "decima"}
+    for r in results.values():
+        assert r["metric"] == "jct_s" and r["seeds"] == [1, 2] and r["mean"] > 0
+    with open(out / "rows.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 2 * 8  # policies x seeds x jobs
+    assert all(float(r["jct_s"]) > 0 for r in rows)
+    assert (out / "cdf.png").is_file()
+    bad = _cli("eval", "cjs", "--policy", "fifo", "--jobs", "-3", "--out", str(tmp_path / "bad"),
+               env={"NETLLM_DATA": str(real_data)})
+    assert bad.returncode == 2 and "--jobs" in bad.stderr and "Traceback" not in bad.stderr
