@@ -9,8 +9,11 @@ time in seconds over the episode's jobs, lower is better.
 
 The NetLLM scheduler (state tokens from the foundation's graph encoder over the active
 job DAGs, a score over the schedulable stages, a categorical head over executor limits,
-return-conditioned offline RL on a Decima pool) is declared here by ``encoders`` and
-``heads``; its pool collection and adaptation are not built yet.
+return-conditioned offline RL on a Decima pool) lives in ``policy.py``:
+
+    netllm collect cjs --policy decima --seeds 101-106 --out runs/pool-cjs-decima
+    netllm adapt cjs --pool runs/pool-cjs-decima --out runs/cjs-smollm2 --layers 4 --context 20 --steps 1000
+    netllm eval cjs --policy runs/cjs-smollm2 --policy decima --seeds 1-10
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.cjs.baselines import SCHEDULERS, make_scheduler, run_episode
-from netllm.tasks.cjs.sim import NUM_NODE_FEATURES, CJSConfig, CJSEnv
+from netllm.tasks.cjs.sim import CJSConfig, CJSEnv
 from netllm.utils import NetLLMError, atomic_write_json, prepare_run_dir
 
 console = Console()
@@ -45,10 +48,15 @@ def env_config(jobs: int | str = 200, executors: int | str = 50, arrival_rate: f
     return CJSConfig(**values)
 
 
-def make_policy(name: str, config: CJSConfig) -> Any:
-    if Path(name).is_dir():
-        raise NetLLMError(f"--policy {name}: NetLLM CJS adapters are not supported yet; "
-                          f"use one of {', '.join(SCHEDULERS)}")
+def make_policy(name: str, config: CJSConfig, device: str = "auto") -> Any:
+    """A baseline by name, or a trained NetLLM adapter by folder."""
+    path = Path(name)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        from netllm.tasks.cjs.policy import NetLLMCJSPolicy
+
+        return NetLLMCJSPolicy.from_adapter(path, device=device)
+    if path.exists() or "/" in name:
+        raise NetLLMError(f"--policy: {name} is not an adapter folder (no adapter_config.json)")
     kwargs = {"num_executors": config.num_executors} if name.lower() in ("fifo", "fair") else {}
     try:
         return make_scheduler(name, **kwargs)
@@ -63,7 +71,12 @@ def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig()) -> 
     events, wall, decisions = 0, 0.0, 0
     for seed in seeds:
         env = CJSEnv.from_config(config)
-        result = run_episode(env, policy, seed=seed)
+        if hasattr(policy, "observe"):  # return-conditioned: it needs the rewards
+            from netllm.tasks.cjs.policy import run_netllm_episode
+
+            result = run_netllm_episode(env, policy, seed=seed)
+        else:
+            result = run_episode(env, policy, seed=seed)
         per_seed[seed] = result.avg_jct_s
         events += result.num_events
         decisions += result.num_decisions
@@ -81,11 +94,14 @@ class CJSTask(Task):
     higher_is_better = False
 
     def encoders(self) -> list[EncoderSpec]:
-        return [EncoderSpec("dags", "graph", node_dim=NUM_NODE_FEATURES, embed_dim=16)]
+        from netllm.tasks.cjs.policy import model_config
+
+        return model_config().encoders
 
     def heads(self) -> dict[str, HeadSpec]:
-        return {"stage": HeadSpec("candidates", candidate_dim=16),
-                "executors": HeadSpec("categorical", num_classes=CJSConfig().num_executors)}
+        from netllm.tasks.cjs.policy import model_config
+
+        return model_config().heads
 
     def baselines(self) -> dict[str, Callable[..., Any]]:
         return {name: (lambda n=name: make_scheduler(n)) for name in SCHEDULERS}
@@ -101,7 +117,7 @@ class CJSTask(Task):
         from netllm.tasks.cjs.jobs import load_all
 
         config = env_config(jobs, executors, arrival_rate)
-        made = [make_policy(p, config) for p in policies]  # fail fast on a bad name
+        made = [make_policy(p, config, device=device) for p in policies]  # fail fast on a bad name
         load_all()  # load (and hash-check) the TPC-H jobs once, outside the timings
         prepare_run_dir(out, {"command": "eval cjs", "policies": policies, "seeds": seeds,
                               "jobs": config.num_jobs, "executors": config.num_executors,
@@ -109,25 +125,108 @@ class CJSTask(Task):
         results: dict[str, Metrics] = {}
         for name, policy in zip(policies, made):
             t0 = time.perf_counter()
+            name = getattr(policy, "name", name) if Path(name).is_dir() else name
             results[name] = evaluate(policy, seeds, config)
             console.print(f"{name}: {time.perf_counter() - t0:.1f} s, "
                           f"{results[name].parts['events_per_s']:,.0f} simulated events/s")
         write_results(out, results, parts=("events_per_s", "decisions_per_episode"), cdf_key="jct_s",
-                      title=f"CJS: {config.num_jobs} jobs, {config.num_executors} executors (seeds {seeds})")
+                      title=f"CJS: {config.num_jobs} jobs, {config.num_executors} executors"
+                            + (f", arrival rate {config.arrival_rate:g}/ms" if config.arrival_rate != 4e-5 else "")
+                            + f" (seeds {seeds})")
         return results
 
+    def collect(self, policies: list[str], seeds: list[int], out: Path, jobs: int | str = 200,
+                executors: int | str = 50, arrival_rate: float | str = 4e-5, gnn: str = "decima") -> Path:
+        """An experience pool: one episode per (policy, seed), features from the frozen GNN."""
+        from netllm.tasks.cjs.policy import collect_pool
+
+        config = env_config(jobs, executors, arrival_rate)
+        for p in policies:
+            make_policy(p, config)  # fail fast on a bad name
+        prepare_run_dir(out, {"command": "collect cjs", "policies": policies, "seeds": seeds,
+                              "jobs": config.num_jobs, "executors": config.num_executors,
+                              "arrival_rate": config.arrival_rate, "gnn": gnn})
+        pool = collect_pool(policies, seeds, config, gnn=gnn)
+        path = pool.save(out / "pool.npz")
+        console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} decisions, "
+                      f"up to {pool.meta['max_candidates']} candidates -> {path}")
+        return path
+
+    def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
+              steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
+              pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_every: int = 0,
+              eval_jobs: int = 50) -> Path:
+        """DD-LRNA on a CJS pool (``--context 20`` is upstream's K)."""
+        from netllm.tasks.cjs.policy import AdaptRecipe, adapt, load_pool
+
+        if pool is None:
+            raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
+        data = load_pool(pool)
+        recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
+                             batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
+                             eval_every=int(eval_every), eval_jobs=int(eval_jobs))
+        if epochs is not None:
+            recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
+        elif steps is not None:
+            recipe.steps = steps
+        prepare_run_dir(out, {"command": "adapt cjs", "pool": str(pool), **recipe.__dict__})
+        adapter = adapt(data, out, recipe, device=device, resume=resume)
+        console.print(f"adapter: {adapter}")
+        return adapter
+
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
-              policies: str = "fifo,fair,decima") -> dict[str, Any]:
-        """The baselines on the default setting and two generalisation settings."""
+              policies: str = "fifo,fair,decima", steps: int | str = 1000, layers: int | str = 4,
+              context: int | str = 20, pool_seeds: str = "101-108", pool_jobs: int | str = 200,
+              behaviour: str = "decima", controls: str = "random", netllm: bool | str = True,
+              settings: str = "default,jobs400,executors30") -> dict[str, Any]:
+        """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
+        adapters on the default setting and generalisation settings; plus speed.
+        Finished stages are reused when run again with the same --out."""
+        from netllm.model import ADAPTER_CONFIG
+        from netllm.tasks.cjs.policy import AdaptRecipe, adapt, collect_pool, load_pool, speed_report
+        from netllm.train import completed_steps
         from netllm.utils import parse_seeds
 
         seed_list = parse_seeds(seeds)
-        prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies})
-        summary: dict[str, Any] = {}
-        settings = {"default": {}, "jobs400": {"jobs": 400}, "executors30": {"executors": 30}}
-        for label, setting in settings.items():
+        steps, layers, context = int(steps), int(layers), int(context)
+        use_netllm = str(netllm).lower() not in ("false", "0", "no")
+        prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies, "llm": llm,
+                              "steps": steps, "layers": layers, "context": context, "pool_seeds": pool_seeds,
+                              "pool_jobs": pool_jobs, "behaviour": behaviour, "controls": controls,
+                              "settings": settings})
+        summary: dict[str, Any] = {"wall_s": {}}
+        names = policies.split(",")
+        if use_netllm:
+            pool_path = out / "pool.npz"
+            if not pool_path.is_file():
+                t0 = time.perf_counter()
+                collect_pool(behaviour.split(","), parse_seeds(pool_seeds),
+                             env_config(pool_jobs)).save(pool_path)
+                summary["wall_s"]["pool"] = time.perf_counter() - t0
+            pool = load_pool(pool_path)
+            summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}
+            runs = {f"netllm-{Path(llm).name}": AdaptRecipe(llm=llm, layers=layers, context=context, steps=steps)}
+            if "random" in controls:
+                runs[f"netllm-{Path(llm).name}-random-init"] = AdaptRecipe(
+                    llm=llm, layers=layers, context=context, steps=steps, pretrained=False)
+            for name, recipe in runs.items():
+                if (out / name / ADAPTER_CONFIG).is_file() and completed_steps(out / name / "train") >= recipe.steps:
+                    continue
+                t0 = time.perf_counter()
+                adapt(pool, out / name, recipe, device=device, resume=True)
+                summary["wall_s"][f"adapt {name}"] = time.perf_counter() - t0
+            names += [str(out / name) for name in runs]
+        all_settings = {"default": {}, "jobs400": {"jobs": 400}, "executors30": {"executors": 30},
+                        "executors80": {"executors": 80}, "rate2x": {"arrival_rate": 8e-5}}
+        for label in settings.split(","):
+            if label not in all_settings:
+                raise NetLLMError(f"--settings: unknown {label!r}; choose from {', '.join(all_settings)}")
+            setting = all_settings[label]
             console.print(f"[bold]setting {label}[/bold]: {setting or 'spec defaults'}")
-            results = self.eval_cli(policies.split(","), seed_list, out / label, device=device, **setting)
+            results = self.eval_cli(names, seed_list, out / label, device=device, **setting)
             summary[label] = {n: m.summary() for n, m in results.items()}
+        if use_netllm:
+            summary["speed"] = speed_report(out / f"netllm-{Path(llm).name}", device=device)
+            console.print(f"speed: {summary['speed']}")
         atomic_write_json(out / "bench.json", summary)
         return summary
