@@ -14,8 +14,8 @@ import os
 # numpy is first imported; a user's own setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # torch's OpenMP threads spin at every barrier. When another process holds a core, the
-# spinning thread waits for a descheduled partner and a LoRA step gets ~20x slower
-# (measured: 9.2 s vs 0.5 s per VP step on 2 busy cores); passive waiting avoids it.
+# spinning thread waits for a descheduled partner and a LoRA step gets ~10x slower
+# (benchmarks/omp_contention.py: 9.4 s vs 0.8 s per VP step on 2 busy cores).
 # Must be set before torch is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
