@@ -332,16 +332,21 @@ class VPTask(Task):
 
     def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
               steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
-              pretrained: bool, model: str = "netllm", dataset: str = "Jin2022", batch_size: int | str = 32,
-              lr: float | str = 2e-4, hw: int | str = 10, fw: int | str = 20, step: int | str = 15) -> Path:
+              pretrained: bool, model: str = "netllm", dataset: str = "Jin2022", batch_size: int | str | None = None,
+              lr: float | str | None = None, hw: int | str = 10, fw: int | str = 20, step: int | str = 15) -> Path:
         if pool is not None:
             raise NetLLMError("--pool: VP adaptation is supervised on the data set; it takes no experience pool")
         spec = _window_spec(hw, fw, step)
         train_samples = load_samples(dataset, "train", spec)
         valid = load_samples(dataset, "valid", spec)
         if model == "lstm":
-            recipe = LSTMRecipe(hw=spec.hw, fw=spec.fw, seed=seeds[0], lr=float(lr) if lr != 2e-4 else 1e-3,
-                                epochs=int(epochs) if epochs else 20, batch_size=int(batch_size) * 2)
+            recipe = LSTMRecipe(hw=spec.hw, fw=spec.fw, seed=seeds[0])  # its own defaults unless given
+            if lr is not None:
+                recipe.lr = float(lr)
+            if batch_size is not None:
+                recipe.batch_size = int(batch_size)
+            if epochs is not None:
+                recipe.epochs = int(epochs)
             prepare_run_dir(out, {"command": "adapt vp --model lstm", "dataset": dataset, **asdict(recipe)})
             train_lstm(train_samples, valid, recipe, out, log=console.print)
             console.print(f"LSTM run: {out}")
@@ -349,8 +354,11 @@ class VPTask(Task):
         if model != "netllm":
             raise NetLLMError(f"--model: must be netllm or lstm, got {model!r}")
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 6, rank=rank, hw=spec.hw,
-                             fw=spec.fw, batch_size=int(batch_size), lr=float(lr), pretrained=pretrained,
-                             seed=seeds[0])
+                             fw=spec.fw, pretrained=pretrained, seed=seeds[0])
+        if lr is not None:
+            recipe.lr = float(lr)
+        if batch_size is not None:
+            recipe.batch_size = int(batch_size)
         if epochs is not None:
             recipe.epochs = float(epochs)
         elif steps is not None:
