@@ -4,7 +4,10 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   := torch==2.13.0
 SHARED_DATA := $(abspath ../shared/data)
-export NETLLM_DATA ?= $(if $(wildcard $(SHARED_DATA)/README.md),$(SHARED_DATA),)
+# point the tests at ../shared/data when it is there; otherwise leave NETLLM_DATA unset
+ifneq ($(wildcard $(SHARED_DATA)/MANIFEST.sha256),)
+export NETLLM_DATA ?= $(SHARED_DATA)
+endif
 
 .PHONY: install demo test test-fast clean
 

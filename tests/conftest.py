@@ -64,7 +64,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def real_data() -> Path:
     """$NETLLM_DATA (or ../shared/data); skipped with a visible reason when absent."""
-    root = Path(os.environ.get("NETLLM_DATA", SHARED_DATA))
-    if not (root / "README.md").is_file():
+    root = Path(os.environ.get("NETLLM_DATA") or SHARED_DATA)  # an empty value counts as unset
+    if not (root / "MANIFEST.sha256").is_file():
         pytest.skip(f"real data not found (set NETLLM_DATA; looked in {root})")
     return root
