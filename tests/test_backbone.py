@@ -91,8 +91,14 @@ def test_unknown_hub_id_is_a_clear_error(monkeypatch):
 def test_smollm2_gguf_loads_says_paris_and_caches(tmp_path, monkeypatch):
     """The real default backbone: pretrained weights (Paris), dequantised cache reused."""
     monkeypatch.setenv("NETLLM_CACHE", str(tmp_path))
+    torch.manual_seed(0)
     bb = load_backbone("smollm2", lora=None, device="cpu")
     assert not bb.report.from_cache
+    after_first = torch.rand(3)
+    torch.manual_seed(0)
+    load_backbone("smollm2", lora=None, device="cpu")
+    # the slow first load and the cached load leave the caller's random stream alike
+    assert torch.equal(torch.rand(3), after_first)
     assert bb.num_layers == 30 and bb.hidden_size == 576
     assert 130e6 < bb.parameter_counts()[1] < 140e6
     assert "Paris" in bb.greedy_continuation("The capital of France is")

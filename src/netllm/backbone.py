@@ -282,7 +282,11 @@ def load_backbone(
     torch_dtype = _resolve_dtype(dtype, dev)
     if spec == SCRATCH:
         return _scratch_backbone(layers, seed, dev, t0)
-    causal_lm, tokenizer, source, from_cache = _load_causal_lm(spec)
+    # Loading must not consume the caller's random numbers: the GGUF path (first load)
+    # and the cached path draw differently, and the encoders/heads built after the
+    # backbone would then start from different weights on a fresh machine.
+    with torch.random.fork_rng(devices=[]):
+        causal_lm, tokenizer, source, from_cache = _load_causal_lm(spec)
     notes: list[str] = []
     if not pretrained:
         from transformers import AutoModelForCausalLM
