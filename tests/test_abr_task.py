@@ -116,3 +116,21 @@ def test_cli_bad_inputs_are_one_line(tmp_path):
     path = pool.save(tmp_path / "cjs-pool")
     r = netllm("adapt", "abr", "--pool", str(path), "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert r.returncode != 0 and "cjs" in r.stderr and str(path) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_best_of_pool_keeps_the_best_policy_per_trace_and_seed():
+    traces, video = synthetic_traces(6, seed=3), synthetic_video(seed=0)
+    both = collect_pool(["bba", "mpc"], traces, video, seeds=[1, 2])
+    best = collect_pool(["bba", "mpc"], traces, video, seeds=[1, 2], keep="best")
+    assert both.num_episodes == 24 and best.num_episodes == 12
+    returns = both.episode_returns().reshape(2, 12)  # (policy, seed x trace), in collection order
+    np.testing.assert_allclose(best.episode_returns(), returns.max(axis=0), rtol=1e-6)
+    assert sum(best.meta["kept"].values()) == 12 and best.meta["keep"] == "best"
+    # the kept episode carries its own policy's actions: an MPC-kept episode is not BBA's
+    s, e = best.episode_bounds
+    assert (returns[1] > returns[0]).any() and (returns[0] > returns[1]).any()  # a real mix
+    j = int(np.argmax(returns[1] > returns[0]))
+    bs, be = both.episode_bounds
+    np.testing.assert_array_equal(best.actions[s[j]:e[j]], both.actions[bs[12 + j]:be[12 + j]])
+    with pytest.raises(NetLLMError, match="--keep"):
+        collect_pool(["bba"], traces, video, seeds=[1], keep="top")

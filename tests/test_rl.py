@@ -60,6 +60,18 @@ def test_pool_roundtrip_without_pickle(tmp_path):
         ExperiencePool.load(tmp_path / "bad.npz")
 
 
+def test_pool_concat_keeps_every_episode_whole():
+    a, b = make_pool((7, 3), seed=0), make_pool((4, 9, 2), seed=1)
+    both = ExperiencePool.concat([a, b], meta={"task": "test"})
+    assert both.num_episodes == 5 and len(both) == 25 and both.meta == {"task": "test"}
+    np.testing.assert_allclose(both.episode_returns(), np.r_[a.episode_returns(), b.episode_returns()])
+    np.testing.assert_array_equal(both.returns_to_go()[10:], b.returns_to_go())
+    other = ExperiencePool.from_episodes([{"states": {"y": np.zeros((2, 1))}, "actions": np.zeros(2),
+                                           "rewards": np.zeros(2)}])
+    with pytest.raises(NetLLMError, match="cannot concatenate"):
+        ExperiencePool.concat([a, other])
+
+
 def test_pool_validation():
     pool = make_pool()
     with pytest.raises(NetLLMError, match="done flags"):

@@ -116,6 +116,27 @@ class ExperiencePool:
             meta=meta or {},
         )
 
+    @classmethod
+    def concat(cls, pools: Sequence["ExperiencePool"], meta: dict[str, Any] | None = None) -> "ExperiencePool":
+        """One pool holding the episodes of several (same state modalities)."""
+        if not pools:
+            raise NetLLMError("experience pool: nothing to concatenate")
+        names = set(pools[0].states)
+        for p in pools[1:]:
+            if set(p.states) != names:
+                raise NetLLMError(f"experience pool: cannot concatenate pools with states {sorted(names)} "
+                                  f"and {sorted(p.states)}")
+        offsets = np.cumsum([0] + [p.num_episodes for p in pools[:-1]])
+        return cls(
+            states={k: np.concatenate([p.states[k] for p in pools]) for k in pools[0].states},
+            actions=np.concatenate([p.actions for p in pools]),
+            rewards=np.concatenate([p.rewards for p in pools]),
+            dones=np.concatenate([p.dones for p in pools]),
+            episodes=np.concatenate([np.unique(p.episodes, return_inverse=True)[1] + o
+                                     for p, o in zip(pools, offsets)]),
+            meta=meta if meta is not None else dict(pools[0].meta),
+        )
+
     def save(self, path: str | os.PathLike[str]) -> Path:
         path = Path(path)
         if path.suffix != ".npz":

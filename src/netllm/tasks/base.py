@@ -16,10 +16,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
 
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
+
+if TYPE_CHECKING:
+    from netllm.model import NetLLMConfig
 
 
 class DecisionPolicy(Protocol):
@@ -71,13 +74,18 @@ class Task(ABC):
     metric: str
     higher_is_better: bool
 
-    @abstractmethod
+    def model_config(self) -> "NetLLMConfig":
+        """The task's default NetLLM model (modalities, heads, RL spec). Implement this,
+        or override :meth:`encoders` and :meth:`heads` directly."""
+        raise NotImplementedError(f"task {self.name!r} declares no model_config()")
+
     def encoders(self) -> list[EncoderSpec]:
         """The modalities of one sample / one decision step, in token order."""
+        return self.model_config().encoders
 
-    @abstractmethod
     def heads(self) -> dict[str, HeadSpec]:
         """The networking head(s) that turn the last hidden state into a valid answer."""
+        return self.model_config().heads
 
     @abstractmethod
     def baselines(self) -> dict[str, Callable[..., Any]]:

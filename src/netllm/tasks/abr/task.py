@@ -206,11 +206,21 @@ def evaluate(policy: Any, traces: Sequence[Any], video: Any, seeds: Sequence[int
                    parts={k: float(np.mean(v)) for k, v in parts.items()}, rows=rows)
 
 
-def collect_pool(policies: Sequence[str], traces: Sequence[Any], video: Any, seeds: Sequence[int]) -> ExperiencePool:
-    """Trajectories of existing policies: one episode per (policy, seed, trace)."""
-    episodes = []
+def collect_pool(policies: Sequence[str], traces: Sequence[Any], video: Any, seeds: Sequence[int],
+                 keep: str = "all") -> ExperiencePool:
+    """Trajectories of existing policies on every (trace, seed).
+
+    ``keep="all"``: one episode per (policy, seed, trace). ``keep="best"``: for every
+    (trace, seed) only the episode of the policy with the highest return. All policies
+    meet the same network conditions there (start position and delay noise are drawn
+    from (seed, trace)), so this keeps the best logged behaviour per condition — filtered
+    behaviour cloning, instead of a pool whose returns mostly say how good the trace was.
+    """
+    if keep not in ("all", "best"):
+        raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
+    per_policy: list[list[dict[str, Any]]] = []
     for name in policies:
-        policy = make_policy(name)
+        policy, episodes = make_policy(name), []
         for seed in seeds:
             ep = run_episodes(policy, traces, video, seed, record=True)
             assert ep.states is not None
@@ -218,9 +228,30 @@ def collect_pool(policies: Sequence[str], traces: Sequence[Any], video: Any, see
                 episodes.append({"states": {k: v[i] for k, v in ep.states.items()},
                                  "actions": ep.levels[i], "rewards": ep.qoe[i]})
             console.print(f"collected {name} seed {seed}: {len(traces)} episodes, mean QoE {ep.qoe.mean():.3f}")
-    meta = {"task": "abr", "policies": list(policies), "seeds": list(seeds), "video": video.name,
-            "traces": [t.name for t in traces]}
-    return ExperiencePool.from_episodes(episodes, meta=meta)
+        per_policy.append(episodes)
+    meta: dict[str, Any] = {"task": "abr", "policies": list(policies), "seeds": list(seeds), "video": video.name,
+                            "traces": [t.name for t in traces], "keep": keep}
+    if keep == "all":
+        return ExperiencePool.from_episodes([ep for eps in per_policy for ep in eps], meta=meta)
+    returns = np.array([[float(np.sum(ep["rewards"])) for ep in eps] for eps in per_policy])  # (P, seeds*traces)
+    best = returns.argmax(axis=0)
+    meta["kept"] = {name: int((best == i).sum()) for i, name in enumerate(policies)}
+    console.print(f"kept the best policy per (trace, seed): {meta['kept']}, mean return "
+                  f"{returns.max(axis=0).mean():.2f} (per policy: "
+                  + ", ".join(f"{n} {r:.2f}" for n, r in zip(policies, returns.mean(axis=1))) + ")")
+    return ExperiencePool.from_episodes([per_policy[p][j] for j, p in enumerate(best)], meta=meta)
+
+
+def collect_pools(policies: Sequence[str], traces: Sequence[Any], videos: Sequence[Any], seeds: Sequence[int],
+                  keep: str = "all") -> ExperiencePool:
+    """:func:`collect_pool` on each video, in one pool (meta["video"] lists them)."""
+    pools = [collect_pool(policies, traces, v, seeds, keep=keep) for v in videos]
+    if len(pools) == 1:
+        return pools[0]
+    meta = {**pools[0].meta, "video": ",".join(v.name for v in videos)}
+    if keep == "best":
+        meta["kept"] = {v.name: p.meta["kept"] for v, p in zip(videos, pools)}
+    return ExperiencePool.concat(pools, meta=meta)
 
 
 @dataclass
@@ -281,11 +312,8 @@ class ABRTask(Task):
     metric = "qoe"
     higher_is_better = True
 
-    def encoders(self) -> list[EncoderSpec]:
-        return model_config().encoders
-
-    def heads(self) -> dict[str, HeadSpec]:
-        return model_config().heads
+    def model_config(self) -> NetLLMConfig:
+        return model_config()
 
     def baselines(self) -> dict[str, Callable[..., Any]]:
         from netllm.tasks.abr.baselines import BASELINES, make_baseline
@@ -324,12 +352,17 @@ class ABRTask(Task):
         return results
 
     def collect(self, policies: list[str], seeds: list[int], out: Path, traces: str = "fcc-train",
-                video: str = "video1") -> Path:
+                video: str = "video1", keep: str = "all") -> Path:
+        """``--video video1,video2``: episodes on each video; ``--keep best``: per (trace,
+        seed[, video]) only the best policy's episode (see collect_pool)."""
         from netllm.tasks.abr.traces import load_traces, load_video
 
+        if keep not in ("all", "best"):
+            raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
+        trace_set, videos = load_traces(traces), [load_video(v) for v in str(video).split(",")]
         prepare_run_dir(out, {"command": "collect abr", "policies": policies, "seeds": seeds, "traces": traces,
-                              "video": video})
-        pool = collect_pool(policies, load_traces(traces), load_video(video), seeds)
+                              "video": video, "keep": keep})
+        pool = collect_pools(policies, trace_set, videos, seeds, keep=keep)
         path = pool.save(out / "pool.npz")
         console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} steps -> {path}")
         return path
@@ -384,9 +417,12 @@ class ABRTask(Task):
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", steps: int | str = 1500,
               layers: int | str = 6, context: int | str = 10, pool_seeds: str = "1-2", seeds: str = "1-3",
               behaviour: str = "genet", videos: str = "video1,video2", controls: str = "random,scratch",
-              baselines: str = "bba,mpc,genet,oracle") -> dict[str, Any]:
+              baselines: str = "bba,mpc,genet,oracle", keep: str = "all",
+              pool_videos: str = "video1") -> dict[str, Any]:
         """The whole pipeline: pool -> adaptation (+ controls) -> evaluation on fcc-test.
 
+        The pool: ``--behaviour`` policies on fcc-train with ``--pool-videos``, seeds
+        ``--pool-seeds``; ``--keep best`` keeps the best policy's episode per condition.
         Finished stages are reused when the benchmark is run again with the same --out.
         """
         from netllm.results import write_results
@@ -397,13 +433,14 @@ class ABRTask(Task):
         eval_seeds = parse_seeds(seeds)
         prepare_run_dir(out, {"command": "bench abr", "llm": llm, "steps": steps, "layers": layers,
                               "context": context, "pool_seeds": pool_seeds, "seeds": eval_seeds,
-                              "behaviour": behaviour, "videos": videos, "controls": controls})
+                              "behaviour": behaviour, "videos": videos, "controls": controls, "keep": keep,
+                              "pool_videos": pool_videos})
         summary: dict[str, Any] = {"wall_s": {}}
         pool_path = out / "pool.npz"
         if not pool_path.is_file():
             t0 = time.perf_counter()
-            pool = collect_pool(behaviour.split(","), load_traces("fcc-train"), load_video("video1"),
-                                parse_seeds(pool_seeds))
+            pool = collect_pools(behaviour.split(","), load_traces("fcc-train"),
+                                 [load_video(v) for v in pool_videos.split(",")], parse_seeds(pool_seeds), keep=keep)
             pool.save(pool_path)
             summary["wall_s"]["pool"] = time.perf_counter() - t0
         pool = ExperiencePool.load(pool_path, task="abr")

@@ -456,6 +456,7 @@ class AdaptRecipe:
     lr: float = 3e-4
     warmup_steps: int = 50
     weight_decay: float = 0.01
+    schedule: str = "constant"  # learning rate after warm-up: constant, linear or cosine (to 0)
     target_quantile: float = 0.9
     eval_every: int = 0  # >0: validate (one episode of eval_jobs jobs) and keep the best adapter
     eval_jobs: int = 50
@@ -496,7 +497,8 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
 
     train_config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps,
                                                                                    recipe.steps // 4),
-                               weight_decay=recipe.weight_decay, eval_every=recipe.eval_every,
+                               weight_decay=recipe.weight_decay, schedule=recipe.schedule,  # type: ignore[arg-type]
+                               eval_every=recipe.eval_every,
                                checkpoint_every=max(recipe.steps // 10, 25), log_every=10, seed=recipe.seed,
                                progress=progress)
     train(model, sampler.batch, cjs_loss, train_config, out / "train", eval_fn=eval_fn, resume=resume)

@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from rich.console import Console
 
-from netllm.encoders import EncoderSpec
-from netllm.heads import HeadSpec
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.cjs.baselines import SCHEDULERS, make_scheduler, run_episode
 from netllm.tasks.cjs.sim import CJSConfig, CJSEnv
 from netllm.utils import NetLLMError, atomic_write_json, prepare_run_dir
+
+if TYPE_CHECKING:
+    from netllm.model import NetLLMConfig
 
 console = Console()
 
@@ -93,15 +94,10 @@ class CJSTask(Task):
     metric = "jct_s"
     higher_is_better = False
 
-    def encoders(self) -> list[EncoderSpec]:
+    def model_config(self) -> "NetLLMConfig":
         from netllm.tasks.cjs.policy import model_config
 
-        return model_config().encoders
-
-    def heads(self) -> dict[str, HeadSpec]:
-        from netllm.tasks.cjs.policy import model_config
-
-        return model_config().heads
+        return model_config()
 
     def baselines(self) -> dict[str, Callable[..., Any]]:
         return {name: (lambda n=name: make_scheduler(n)) for name in SCHEDULERS}
@@ -155,7 +151,7 @@ class CJSTask(Task):
     def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
               steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
               pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_every: int = 0,
-              eval_jobs: int = 50) -> Path:
+              eval_jobs: int = 50, schedule: str = "constant") -> Path:
         """DD-LRNA on a CJS pool (``--context 20`` is upstream's K)."""
         from netllm.tasks.cjs.policy import AdaptRecipe, adapt, load_pool
 
@@ -164,7 +160,7 @@ class CJSTask(Task):
         data = load_pool(pool)
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
                              batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
-                             eval_every=int(eval_every), eval_jobs=int(eval_jobs))
+                             eval_every=int(eval_every), eval_jobs=int(eval_jobs), schedule=str(schedule))
         if epochs is not None:
             recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
         elif steps is not None:

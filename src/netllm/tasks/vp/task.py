@@ -295,11 +295,8 @@ class VPTask(Task):
     metric = "mae_deg"
     higher_is_better = False
 
-    def encoders(self) -> list[EncoderSpec]:
-        return model_config().encoders
-
-    def heads(self) -> dict[str, HeadSpec]:
-        return model_config().heads
+    def model_config(self) -> NetLLMConfig:
+        return model_config()
 
     def baselines(self) -> dict[str, Callable[..., Any]]:
         return {name: (lambda n=name: make_baseline(n)) for name in BASELINES}
