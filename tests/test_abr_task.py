@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from netllm.rl import ExperiencePool
-from netllm.tasks.abr.task import (STATE_TOKENS, AdaptRecipe, NetLLMABRPolicy, adapt, collect_pool, evaluate,
-                                   make_policy, obs_states)
+from netllm.tasks.abr.task import (STATE_TOKENS, AdaptRecipe, NetLLMABRPolicy, adapt, collect_pool, collect_pools,
+                                   evaluate, make_policy, obs_states)
 from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
 from netllm.utils import NetLLMError
 
@@ -134,3 +134,12 @@ def test_best_of_pool_keeps_the_best_policy_per_trace_and_seed():
     np.testing.assert_array_equal(best.actions[s[j]:e[j]], both.actions[bs[12 + j]:be[12 + j]])
     with pytest.raises(NetLLMError, match="--keep"):
         collect_pool(["bba"], traces, video, seeds=[1], keep="top")
+
+
+def test_pools_over_several_videos_concatenate_per_video_best_of():
+    traces, videos = synthetic_traces(4, seed=3), [synthetic_video(seed=0), synthetic_video(seed=1, num_chunks=20)]
+    pool = collect_pools(["bba", "mpc"], traces, videos, seeds=[1], keep="best")
+    assert pool.num_episodes == 8 and pool.meta["video"] == "synthetic_0,synthetic_1"
+    assert set(pool.meta["kept"]) == {"synthetic_0", "synthetic_1"}
+    starts, ends = pool.episode_bounds
+    assert list(ends - starts) == [47] * 4 + [19] * 4  # whole episodes per video (the reset chunk is not a decision)
