@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from netllm.tasks import get_task
-from netllm.tasks.cjs.task import env_config, make_policy
+from netllm.tasks.cjs.task import CJSTask, env_config, make_policy
 from netllm.utils import NetLLMError
 
 
@@ -27,13 +27,19 @@ def test_task_is_registered_with_its_heads():
     assert set(task.baselines()) == {"fifo", "fair", "decima"}
 
 
-def test_bad_options_name_themselves():
+def test_bad_options_name_themselves(tmp_path):
     with pytest.raises(NetLLMError, match="--jobs"):
         env_config(jobs="many")
     with pytest.raises(NetLLMError, match="--executors"):
         env_config(executors=0)
     with pytest.raises(NetLLMError, match="--policy: .*unknown CJS scheduler 'lifo'"):
         make_policy("lifo", env_config())
+    out = tmp_path / "never-written"
+    with pytest.raises(NetLLMError, match="--schedule"):
+        CJSTask().adapt(pool=tmp_path / "pool.npz", out=out, llm="smollm2", device="cpu", layers=2, rank=4,
+                        steps=1, epochs=None, context=4, seeds=[0], resume=False, pretrained=True,
+                        schedule="step")
+    assert not out.exists()
 
 
 @pytest.mark.integration

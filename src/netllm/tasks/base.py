@@ -74,10 +74,10 @@ class Task(ABC):
     metric: str
     higher_is_better: bool
 
+    @abstractmethod
     def model_config(self) -> "NetLLMConfig":
-        """The task's default NetLLM model (modalities, heads, RL spec). Implement this,
-        or override :meth:`encoders` and :meth:`heads` directly."""
-        raise NotImplementedError(f"task {self.name!r} declares no model_config()")
+        """The task's default NetLLM model (modalities, heads, RL spec); :meth:`encoders`
+        and :meth:`heads` read it."""
 
     def encoders(self) -> list[EncoderSpec]:
         """The modalities of one sample / one decision step, in token order."""

@@ -157,6 +157,8 @@ class CJSTask(Task):
 
         if pool is None:
             raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
+        if schedule not in ("constant", "linear", "cosine"):
+            raise NetLLMError(f"--schedule: constant, linear or cosine, got {schedule!r}")
         data = load_pool(pool)
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
                              batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
