@@ -154,3 +154,31 @@ def test_pools_of_another_task_are_refused(tmp_path, pool):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(NetLLMError, match="junk.npz"):
         load_pool(tmp_path / "junk.npz")
+
+
+def test_best_of_draws_keeps_the_best_sampled_episode_per_job_sequence(real_data, monkeypatch):
+    """Decima (real weights) samples: each draw is another episode on the same job
+    sequence; draw 0 is upstream's; keep="best" keeps per seed the highest return."""
+    from netllm.tasks.cjs.baselines import make_scheduler, run_episode
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    seeds = [1, 2]
+    every = collect_pool(["decima", "fair"], seeds, CONFIG, draws=3, gnn="random", templates=TEMPLATES,
+                         progress=False)
+    kept = every.meta["episodes"]
+    assert [(k["policy"], k["seed"], k["draw"]) for k in kept] == [
+        (p, s, d) for s in seeds for p, d in (("decima", 0), ("decima", 1), ("decima", 2), ("fair", 0))]
+    returns = every.episode_returns()
+    assert len(set(np.round(returns[:3], 3))) > 1  # the draws really differ
+    upstream = run_episode(env(), make_scheduler("decima"), seed=1)  # shares the simulator's stream
+    assert kept[0]["avg_jct_s"] == pytest.approx(upstream.avg_jct_s)
+    best = collect_pool(["decima", "fair"], seeds, CONFIG, keep="best", draws=3, gnn="random",
+                        templates=TEMPLATES, progress=False)
+    assert best.num_episodes == 2 and best.meta["keep"] == "best"
+    for i, s in enumerate(seeds):
+        mine = [r for r, k in zip(returns, kept) if k["seed"] == s]
+        assert best.episode_returns()[i] == pytest.approx(max(mine), rel=1e-6)
+    with pytest.raises(NetLLMError, match="--keep"):
+        collect_pool(["fair"], seeds, CONFIG, keep="top", templates=TEMPLATES)
+    with pytest.raises(NetLLMError, match="--draws"):
+        collect_pool(["fair"], seeds, CONFIG, draws=0, templates=TEMPLATES)

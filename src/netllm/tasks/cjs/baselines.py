@@ -80,6 +80,7 @@ class RoundRobinScheduler:
         self.fair = fair
         self.num_executors = num_executors
         self.name = "fair" if fair else "fifo"
+        self.stochastic = False  # the same episode for every sampling stream
 
     def reset(self, seed: int | None = None, rng: random.Random | None = None) -> None:
         pass  # deterministic
@@ -259,6 +260,7 @@ class DecimaScheduler:
             state_dict = load_decima_state_dict(weights, root=data_root)
         self.net = build_decima(state_dict, source=str(weights or "decima_model.pt")).eval()
         self.greedy = greedy
+        self.stochastic = not greedy  # another sampling stream, another episode
         self.num_threads = num_threads  # tiny graphs: one thread avoids OpenMP contention
         self.rng = random.Random()
 

@@ -157,24 +157,35 @@ def exec_mask(caps: torch.Tensor, num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- pools
 
 
-def _reset(policy: Any, env: CJSEnv, seed: int | None) -> None:
+def draw_stream(seed: int, draw: int) -> random.Random | None:
+    """The sampling stream of a policy's ``draw``-th episode on job sequence ``seed``:
+    draw 0 shares the simulator's stream (upstream's episode, as ``run_episode``);
+    draw k >= 1 gets its own stream, so the job sequence stays the same."""
+    return None if draw == 0 else random.Random(seed * 1_000_003 + draw)
+
+
+def _reset(policy: Any, env: CJSEnv, seed: int | None, draw: int = 0) -> None:
     if "rng" in inspect.signature(policy.reset).parameters:
-        policy.reset(seed, rng=env.rng)  # as run_episode: Decima samples from the simulator's stream
+        own = draw_stream(int(seed or 0), draw)
+        policy.reset(seed, rng=own if own is not None else env.rng)  # draw 0: the simulator's stream (upstream)
     else:
         policy.reset(seed)
 
 
-def record_episode(env: CJSEnv, policy: Any, gnn: DecimaNet, seed: int) -> tuple[dict[str, Any], float]:
-    """Play one episode with a baseline and record its decisions; returns (episode, avg JCT s)."""
+def record_episode(env: CJSEnv, policy: Any, gnn: DecimaNet | None, seed: int, draw: int = 0
+                   ) -> tuple[dict[str, Any], float]:
+    """Play one episode with a baseline and record its decisions; returns (episode, avg JCT s).
+    ``gnn=None`` only plays it (no features: cheap, for choosing the best draw)."""
     obs, _ = env.reset(seed)
-    _reset(policy, env, seed)
+    _reset(policy, env, seed, draw)
     feats: list[Features] = []
     actions: list[tuple[int, int]] = []
     rewards: list[float] = []
     while True:
         action = policy.act(obs)
         if len(obs.runnable) and int(action[0]) >= 0:  # a heuristic's "none" (-1) is no decision
-            feats.append(featurize(gnn, obs))
+            if gnn is not None:
+                feats.append(featurize(gnn, obs))
             actions.append((int(action[0]), int(action[1])))
             rewards.append(0.0)
         obs, reward, terminated, truncated, _ = env.step(action)
@@ -206,24 +217,52 @@ def pool_from_episodes(episodes: Sequence[dict[str, Any]], meta: dict[str, Any])
 
 
 def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfig = CJSConfig(), *,
-                 gnn: str = "decima", templates: Any = None, progress: bool = True) -> ExperiencePool:
-    """Trajectories of existing schedulers: one episode per (policy, seed)."""
+                 keep: str = "all", draws: int = 1, gnn: str = "decima", templates: Any = None,
+                 progress: bool = True) -> ExperiencePool:
+    """Trajectories of existing schedulers on the job sequences ``seeds``.
+
+    ``draws``: episodes per (sampling policy, seed), each with its own sampling stream
+    (:func:`draw_stream`; draw 0 is upstream's episode); a deterministic policy plays once.
+    ``keep="all"``: every episode. ``keep="best"``: per job sequence only the episode
+    with the highest return (lowest total job time) over policies and draws — filtered
+    behaviour cloning, as the ABR best-of pool: the job sequence, not the behaviour,
+    sets most of an episode's return, so a pool of average episodes cannot be told apart
+    by return conditioning. Candidates are first played without features (cheap); only
+    kept episodes are recorded with the GNN.
+    """
     from netllm.tasks.cjs.task import make_policy
 
+    if keep not in ("all", "best"):
+        raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
+    if draws < 1:
+        raise NetLLMError(f"--draws: must be >= 1, got {draws}")
     net = load_gnn(gnn)
-    episodes = []
-    for name in policies:
-        policy = make_policy(name, config)
-        for seed in seeds:
+    made = {name: make_policy(name, config) for name in policies}
+    plays = [(name, draw) for name in policies
+             for draw in range(draws if getattr(made[name], "stochastic", True) else 1)]
+    episodes, kept = [], []
+    for seed in seeds:
+        chosen = plays
+        if keep == "best" and len(plays) > 1:
+            returns = {}
+            for name, draw in plays:
+                ep, jct = record_episode(CJSEnv.from_config(config, templates=templates), made[name], None, seed, draw)
+                returns[(name, draw)] = float(ep["rewards"].sum())
+                if progress:
+                    console.print(f"  {name} seed {seed} draw {draw}: avg JCT {jct:.2f} s")
+            chosen = [max(plays, key=lambda p: returns[p])]
+        for name, draw in chosen:
             env = CJSEnv.from_config(config, templates=templates)
             t0 = time.perf_counter()
-            ep, jct = record_episode(env, policy, net, seed)
+            ep, jct = record_episode(env, made[name], net, seed, draw)
             episodes.append(ep)
+            kept.append({"policy": name, "seed": int(seed), "draw": draw, "avg_jct_s": jct})
             if progress:
-                console.print(f"collected {name} seed {seed}: {len(ep['rewards'])} decisions, avg JCT {jct:.1f} s, "
-                              f"return {ep['rewards'].sum() / RETURN_SCALE:.2f} (x1e6 ms), "
+                console.print(f"collected {name} seed {seed} draw {draw}: {len(ep['rewards'])} decisions, "
+                              f"avg JCT {jct:.2f} s, return {ep['rewards'].sum() / RETURN_SCALE:.2f} (x1e6 ms), "
                               f"{time.perf_counter() - t0:.1f} s")
-    meta = {"task": "cjs", "policies": list(policies), "seeds": list(seeds), "gnn": gnn,
+    meta = {"task": "cjs", "policies": list(policies), "seeds": list(seeds), "gnn": gnn, "keep": keep,
+            "draws": draws, "episodes": kept,
             "jobs": config.num_jobs, "executors": config.num_executors, "arrival_rate": config.arrival_rate,
             "feature_version": FEATURE_VERSION, "reward": "negative job time between decisions (ms)"}
     return pool_from_episodes(episodes, meta)

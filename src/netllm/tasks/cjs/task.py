@@ -11,7 +11,7 @@ The NetLLM scheduler (state tokens from the foundation's graph encoder over the 
 job DAGs, a score over the schedulable stages, a categorical head over executor limits,
 return-conditioned offline RL on a Decima pool) lives in ``policy.py``:
 
-    netllm collect cjs --policy decima --seeds 101-106 --out runs/pool-cjs-decima
+    netllm collect cjs --policy decima --seeds 101-116 --keep best --draws 6 --out runs/pool-cjs-best6
     netllm adapt cjs --pool runs/pool-cjs-decima --out runs/cjs-smollm2 --layers 4 --context 20 --steps 1000
     netllm eval cjs --policy runs/cjs-smollm2 --policy decima --seeds 1-10
 """
@@ -132,17 +132,27 @@ class CJSTask(Task):
         return results
 
     def collect(self, policies: list[str], seeds: list[int], out: Path, jobs: int | str = 200,
-                executors: int | str = 50, arrival_rate: float | str = 4e-5, gnn: str = "decima") -> Path:
-        """An experience pool: one episode per (policy, seed), features from the frozen GNN."""
+                executors: int | str = 50, arrival_rate: float | str = 4e-5, gnn: str = "decima",
+                keep: str = "all", draws: int | str = 1) -> Path:
+        """An experience pool, features from the frozen GNN: one episode per (policy, seed),
+        or ``--draws N --keep best``: per job sequence the best of N sampled episodes."""
         from netllm.tasks.cjs.policy import collect_pool
 
         config = env_config(jobs, executors, arrival_rate)
+        if keep not in ("all", "best"):
+            raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
+        try:
+            draws = int(draws)
+        except (TypeError, ValueError):
+            raise NetLLMError(f"--draws: expected an integer, got {draws!r}") from None
+        if draws < 1:
+            raise NetLLMError(f"--draws: must be >= 1, got {draws}")
         for p in policies:
             make_policy(p, config)  # fail fast on a bad name
         prepare_run_dir(out, {"command": "collect cjs", "policies": policies, "seeds": seeds,
                               "jobs": config.num_jobs, "executors": config.num_executors,
-                              "arrival_rate": config.arrival_rate, "gnn": gnn})
-        pool = collect_pool(policies, seeds, config, gnn=gnn)
+                              "arrival_rate": config.arrival_rate, "gnn": gnn, "keep": keep, "draws": draws})
+        pool = collect_pool(policies, seeds, config, keep=keep, draws=draws, gnn=gnn)
         path = pool.save(out / "pool.npz")
         console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} decisions, "
                       f"up to {pool.meta['max_candidates']} candidates -> {path}")
@@ -175,7 +185,8 @@ class CJSTask(Task):
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
               policies: str = "fifo,fair,decima", steps: int | str = 1000, layers: int | str = 4,
               context: int | str = 20, pool_seeds: str = "101-108", pool_jobs: int | str = 200,
-              behaviour: str = "decima", controls: str = "random", netllm: bool | str = True,
+              behaviour: str = "decima", keep: str = "all", draws: int | str = 1,
+              controls: str = "random", netllm: bool | str = True,
               settings: str = "default,jobs400,executors30") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
@@ -190,7 +201,8 @@ class CJSTask(Task):
         use_netllm = str(netllm).lower() not in ("false", "0", "no")
         prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies, "llm": llm,
                               "steps": steps, "layers": layers, "context": context, "pool_seeds": pool_seeds,
-                              "pool_jobs": pool_jobs, "behaviour": behaviour, "controls": controls,
+                              "pool_jobs": pool_jobs, "behaviour": behaviour, "keep": keep, "draws": draws,
+                              "controls": controls,
                               "settings": settings})
         summary: dict[str, Any] = {"wall_s": {}}
         names = policies.split(",")
@@ -198,8 +210,8 @@ class CJSTask(Task):
             pool_path = out / "pool.npz"
             if not pool_path.is_file():
                 t0 = time.perf_counter()
-                collect_pool(behaviour.split(","), parse_seeds(pool_seeds),
-                             env_config(pool_jobs)).save(pool_path)
+                collect_pool(behaviour.split(","), parse_seeds(pool_seeds), env_config(pool_jobs),
+                             keep=keep, draws=int(draws)).save(pool_path)
                 summary["wall_s"]["pool"] = time.perf_counter() - t0
             pool = load_pool(pool_path)
             summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}
