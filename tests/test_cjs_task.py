@@ -60,3 +60,15 @@ def test_cli_eval_writes_results_rows_and_cdf(real_data, tmp_path):
     bad = _cli("eval", "cjs", "--policy", "fifo", "--jobs", "-3", "--out", str(tmp_path / "bad"),
                env={"NETLLM_DATA": str(real_data)})
     assert bad.returncode == 2 and "--jobs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bench_checks_its_pool_and_schedule_options_before_writing(tmp_path):
+    out = tmp_path / "bench"
+    for kwargs, option in (({"keep": "top"}, "--keep"), ({"draws": "many"}, "--draws"), ({"draws": 0}, "--draws"),
+                           ({"schedule": "step"}, "--schedule")):
+        with pytest.raises(NetLLMError, match=option):
+            CJSTask().bench(out, **kwargs)
+        assert not out.exists()
+    with pytest.raises(NetLLMError, match="--draws"):
+        CJSTask().collect(["decima"], [1], out, draws="0")
+    assert not out.exists()

@@ -12,13 +12,15 @@ job DAGs, a score over the schedulable stages, a categorical head over executor 
 return-conditioned offline RL on a Decima pool) lives in ``policy.py``:
 
     netllm collect cjs --policy decima --seeds 101-116 --keep best --draws 6 --out runs/pool-cjs-best6
-    netllm adapt cjs --pool runs/pool-cjs-decima --out runs/cjs-smollm2 --layers 4 --context 20 --steps 1000
-    netllm eval cjs --policy runs/cjs-smollm2 --policy decima --seeds 1-10
+    netllm adapt cjs --pool runs/pool-cjs-best6 --out runs/cjs-best --layers 4 --context 20 --steps 3000 \
+        --schedule cosine --eval-every 500 --eval-jobs 100
+    netllm eval cjs --policy runs/cjs-best --policy decima --seeds 1-10
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -47,6 +49,25 @@ def env_config(jobs: int | str = 200, executors: int | str = 50, arrival_rate: f
         if not values[key] > 0:
             raise NetLLMError(f"{option}: must be > 0, got {value!r}")
     return CJSConfig(**values)
+
+
+def pool_options(keep: str, draws: int | str) -> int:
+    """``--keep`` / ``--draws`` of a CJS pool, checked; returns draws as an int."""
+    if keep not in ("all", "best"):
+        raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
+    try:
+        n = int(draws)
+    except (TypeError, ValueError):
+        raise NetLLMError(f"--draws: expected an integer, got {draws!r}") from None
+    if n < 1:
+        raise NetLLMError(f"--draws: must be >= 1, got {draws}")
+    return n
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in ("constant", "linear", "cosine"):
+        raise NetLLMError(f"--schedule: constant, linear or cosine, got {schedule!r}")
+    return schedule
 
 
 def make_policy(name: str, config: CJSConfig, device: str = "auto") -> Any:
@@ -139,14 +160,7 @@ class CJSTask(Task):
         from netllm.tasks.cjs.policy import collect_pool
 
         config = env_config(jobs, executors, arrival_rate)
-        if keep not in ("all", "best"):
-            raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
-        try:
-            draws = int(draws)
-        except (TypeError, ValueError):
-            raise NetLLMError(f"--draws: expected an integer, got {draws!r}") from None
-        if draws < 1:
-            raise NetLLMError(f"--draws: must be >= 1, got {draws}")
+        draws = pool_options(keep, draws)
         for p in policies:
             make_policy(p, config)  # fail fast on a bad name
         prepare_run_dir(out, {"command": "collect cjs", "policies": policies, "seeds": seeds,
@@ -167,8 +181,7 @@ class CJSTask(Task):
 
         if pool is None:
             raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
-        if schedule not in ("constant", "linear", "cosine"):
-            raise NetLLMError(f"--schedule: constant, linear or cosine, got {schedule!r}")
+        check_schedule(schedule)
         data = load_pool(pool)
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
                              batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
@@ -183,13 +196,16 @@ class CJSTask(Task):
         return adapter
 
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
-              policies: str = "fifo,fair,decima", steps: int | str = 1000, layers: int | str = 4,
-              context: int | str = 20, pool_seeds: str = "101-108", pool_jobs: int | str = 200,
-              behaviour: str = "decima", keep: str = "all", draws: int | str = 1,
+              policies: str = "fifo,fair,decima", steps: int | str = 3000, layers: int | str = 4,
+              context: int | str = 20, pool_seeds: str = "101-116", pool_jobs: int | str = 200,
+              behaviour: str = "decima", keep: str = "best", draws: int | str = 6,
+              schedule: str = "cosine", eval_every: int | str = 500, eval_jobs: int | str = 100,
               controls: str = "random", netllm: bool | str = True,
               settings: str = "default,jobs400,executors30") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
+        The defaults are the README's recipe: a best-of-6 Decima pool on job sequences
+        101-116, 3,000 cosine-decayed steps, validation every 500 steps.
         Finished stages are reused when run again with the same --out."""
         from netllm.model import ADAPTER_CONFIG
         from netllm.tasks.cjs.policy import AdaptRecipe, adapt, collect_pool, load_pool, speed_report
@@ -198,10 +214,13 @@ class CJSTask(Task):
 
         seed_list = parse_seeds(seeds)
         steps, layers, context = int(steps), int(layers), int(context)
+        draws = pool_options(keep, draws)
+        check_schedule(schedule)
         use_netllm = str(netllm).lower() not in ("false", "0", "no")
         prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies, "llm": llm,
                               "steps": steps, "layers": layers, "context": context, "pool_seeds": pool_seeds,
                               "pool_jobs": pool_jobs, "behaviour": behaviour, "keep": keep, "draws": draws,
+                              "schedule": schedule, "eval_every": eval_every, "eval_jobs": eval_jobs,
                               "controls": controls,
                               "settings": settings})
         summary: dict[str, Any] = {"wall_s": {}}
@@ -211,14 +230,15 @@ class CJSTask(Task):
             if not pool_path.is_file():
                 t0 = time.perf_counter()
                 collect_pool(behaviour.split(","), parse_seeds(pool_seeds), env_config(pool_jobs),
-                             keep=keep, draws=int(draws)).save(pool_path)
+                             keep=keep, draws=draws).save(pool_path)
                 summary["wall_s"]["pool"] = time.perf_counter() - t0
             pool = load_pool(pool_path)
             summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}
-            runs = {f"netllm-{Path(llm).name}": AdaptRecipe(llm=llm, layers=layers, context=context, steps=steps)}
+            recipe = AdaptRecipe(llm=llm, layers=layers, context=context, steps=steps, schedule=schedule,
+                                 eval_every=int(eval_every), eval_jobs=int(eval_jobs))
+            runs = {f"netllm-{Path(llm).name}": recipe}
             if "random" in controls:
-                runs[f"netllm-{Path(llm).name}-random-init"] = AdaptRecipe(
-                    llm=llm, layers=layers, context=context, steps=steps, pretrained=False)
+                runs[f"netllm-{Path(llm).name}-random-init"] = replace(recipe, pretrained=False)
             for name, recipe in runs.items():
                 if (out / name / ADAPTER_CONFIG).is_file() and completed_steps(out / name / "train") >= recipe.steps:
                     continue
