@@ -183,13 +183,3 @@ def test_best_of_draws_keeps_the_best_sampled_episode_per_job_sequence(real_data
     with pytest.raises(NetLLMError, match="--draws"):
         collect_pool(["fair"], seeds, CONFIG, draws=0, templates=TEMPLATES)
 
-
-def test_decision_tokens_do_not_depend_on_the_decision_index(model):
-    """No absolute time in CJS: step 7,000 of a long episode gets step 0's tokens."""
-    from netllm.rl import step_tokens
-
-    states = {"global": torch.randn(1, 1, GLOBAL_DIM), "pooled": torch.randn(1, 1, POOLED_DIM)}
-    rtg = torch.full((1, 1), -3.0)
-    early = step_tokens(model, states, rtg, None, torch.zeros(1, 1, dtype=torch.long))
-    late = step_tokens(model, states, rtg, None, torch.full((1, 1), 7000))
-    assert torch.equal(early, late)

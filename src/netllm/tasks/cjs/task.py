@@ -11,10 +11,13 @@ The NetLLM scheduler (state tokens from the foundation's graph encoder over the 
 job DAGs, a score over the schedulable stages, a categorical head over executor limits,
 return-conditioned offline RL on a Decima pool) lives in ``policy.py``:
 
-    netllm collect cjs --policy decima --seeds 101-116 --keep best --draws 6 --out runs/pool-cjs-best6
-    netllm adapt cjs --pool runs/pool-cjs-best6 --out runs/cjs-best --layers 4 --context 20 --steps 3000 \
+    netllm collect cjs --policy decima --seeds 101-108 --out runs/pool-cjs-decima
+    netllm adapt cjs --pool runs/pool-cjs-decima --out runs/cjs-long --layers 4 --context 20 --steps 3000 \
         --schedule cosine --eval-every 500 --eval-jobs 100
-    netllm eval cjs --policy runs/cjs-best --policy decima --seeds 1-10
+    netllm eval cjs --policy runs/cjs-long --policy decima --seeds 1-10
+
+(``netllm collect cjs ... --keep best --draws 6`` keeps per job sequence the best of 6
+sampled Decima episodes.)
 """
 
 from __future__ import annotations
@@ -197,15 +200,16 @@ class CJSTask(Task):
 
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
               policies: str = "fifo,fair,decima", steps: int | str = 3000, layers: int | str = 4,
-              context: int | str = 20, pool_seeds: str = "101-116", pool_jobs: int | str = 200,
-              behaviour: str = "decima", keep: str = "best", draws: int | str = 6,
+              context: int | str = 20, pool_seeds: str = "101-108", pool_jobs: int | str = 200,
+              behaviour: str = "decima", keep: str = "all", draws: int | str = 1,
               schedule: str = "cosine", eval_every: int | str = 500, eval_jobs: int | str = 100,
               controls: str = "random", netllm: bool | str = True,
               settings: str = "default,jobs400,executors30") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
-        The defaults are the README's recipe: a best-of-6 Decima pool on job sequences
-        101-116, 3,000 cosine-decayed steps, validation every 500 steps.
+        The defaults are the README's best recipe (runs/cjs-long): one Decima episode on
+        each of the job sequences 101-108, 3,000 cosine-decayed steps, validation every
+        500 steps; ``--keep best --draws N`` builds a best-of pool instead.
         Finished stages are reused when run again with the same --out."""
         from netllm.model import ADAPTER_CONFIG
         from netllm.tasks.cjs.policy import AdaptRecipe, adapt, collect_pool, load_pool, speed_report
