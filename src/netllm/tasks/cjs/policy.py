@@ -68,8 +68,8 @@ STATE_TOKENS = ("global", "pooled")
 RETURN_SCALE = 1e6  # ms: returns-to-go of a 200-job episode are O(-10)
 NUM_EXEC_CLASSES = 50  # executor limits 1..50 (the default cluster)
 MAX_TIMESTEP = 8192  # time-step table: a 200-job episode has ~5-6k decisions
-# (A single row — no absolute time — was tried with a best-of pool: 56.8 s vs 53.0 s on
-# seeds 1-5, see README; kept the table.)
+# (A single learned row was tried together with a best-of pool; the pool, not the
+# table, made that run worse — README, "A best-of pool without absolute time".)
 FEATURE_VERSION = 1
 
 
