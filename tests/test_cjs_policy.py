@@ -182,4 +182,3 @@ def test_best_of_draws_keeps_the_best_sampled_episode_per_job_sequence(real_data
         collect_pool(["fair"], seeds, CONFIG, keep="top", templates=TEMPLATES)
     with pytest.raises(NetLLMError, match="--draws"):
         collect_pool(["fair"], seeds, CONFIG, draws=0, templates=TEMPLATES)
-

@@ -159,17 +159,12 @@ def exec_mask(caps: torch.Tensor, num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- pools
 
 
-def draw_stream(seed: int, draw: int) -> random.Random | None:
-    """The sampling stream of a policy's ``draw``-th episode on job sequence ``seed``:
-    draw 0 shares the simulator's stream (upstream's episode, as ``run_episode``);
-    draw k >= 1 gets its own stream, so the job sequence stays the same."""
-    return None if draw == 0 else random.Random(seed * 1_000_003 + draw)
-
-
-def _reset(policy: Any, env: CJSEnv, seed: int | None, draw: int = 0) -> None:
+def _reset(policy: Any, env: CJSEnv, seed: int, draw: int = 0) -> None:
+    """Seed a policy's sampling for its ``draw``-th episode on job sequence ``seed``: draw 0
+    shares the simulator's stream (upstream's episode, as ``run_episode``); draw k >= 1
+    gets a stream of its own, so the job sequence stays the same."""
     if "rng" in inspect.signature(policy.reset).parameters:
-        own = draw_stream(int(seed or 0), draw)
-        policy.reset(seed, rng=own if own is not None else env.rng)  # draw 0: the simulator's stream (upstream)
+        policy.reset(seed, rng=env.rng if draw == 0 else random.Random(seed * 1_000_003 + draw))
     else:
         policy.reset(seed)
 
@@ -224,7 +219,7 @@ def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfi
     """Trajectories of existing schedulers on the job sequences ``seeds``.
 
     ``draws``: episodes per (sampling policy, seed), each with its own sampling stream
-    (:func:`draw_stream`; draw 0 is upstream's episode); a deterministic policy plays once.
+    (see ``_reset``; draw 0 is upstream's episode); a deterministic policy plays once.
     ``keep="all"``: every episode. ``keep="best"``: per job sequence only the episode
     with the highest return (lowest total job time) over policies and draws — filtered
     behaviour cloning, as the ABR best-of pool: the job sequence, not the behaviour,
@@ -232,12 +227,9 @@ def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfi
     by return conditioning. Candidates are first played without features (cheap); only
     kept episodes are recorded with the GNN.
     """
-    from netllm.tasks.cjs.task import make_policy
+    from netllm.tasks.cjs.task import make_policy, pool_options
 
-    if keep not in ("all", "best"):
-        raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
-    if draws < 1:
-        raise NetLLMError(f"--draws: must be >= 1, got {draws}")
+    draws = pool_options(keep, draws)
     net = load_gnn(gnn)
     made = {name: make_policy(name, config) for name in policies}
     plays = [(name, draw) for name in policies
