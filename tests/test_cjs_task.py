@@ -35,6 +35,9 @@ def test_bad_options_name_themselves(tmp_path):
     with pytest.raises(NetLLMError, match="--policy: .*unknown CJS scheduler 'lifo'"):
         make_policy("lifo", env_config())
     out = tmp_path / "never-written"
+    with pytest.raises(NetLLMError, match="--decode"):
+        CJSTask().eval_cli(["fifo"], [1], out, decode="greedy")
+    assert not out.exists()
     with pytest.raises(NetLLMError, match="--schedule"):
         CJSTask().adapt(pool=tmp_path / "pool.npz", out=out, llm="smollm2", device="cpu", layers=2, rank=4,
                         steps=1, epochs=None, context=4, seeds=[0], resume=False, pretrained=True,

@@ -73,13 +73,24 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
-def make_policy(name: str, config: CJSConfig, device: str = "auto") -> Any:
-    """A baseline by name, or a trained NetLLM adapter by folder."""
+def check_decode(decode: str) -> bool:
+    """``--decode``: argmax (the most likely stage and limit) or sample (from the heads'
+    distributions, as Decima does); returns whether to sample."""
+    if decode not in ("argmax", "sample"):
+        raise NetLLMError(f"--decode: argmax or sample, got {decode!r}")
+    return decode == "sample"
+
+
+def make_policy(name: str, config: CJSConfig, device: str = "auto", decode: str = "argmax") -> Any:
+    """A baseline by name, or a trained NetLLM adapter by folder (decoded by ``decode``)."""
     path = Path(name)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from netllm.tasks.cjs.policy import NetLLMCJSPolicy
 
-        return NetLLMCJSPolicy.from_adapter(path, device=device)
+        policy = NetLLMCJSPolicy.from_adapter(path, device=device, sample=check_decode(decode))
+        if policy.sample:
+            policy.name += "-sampled"
+        return policy
     if path.exists() or "/" in name:
         raise NetLLMError(f"--policy: {name} is not an adapter folder (no adapter_config.json)")
     kwargs = {"num_executors": config.num_executors} if name.lower() in ("fifo", "fair") else {}
@@ -131,15 +142,16 @@ class CJSTask(Task):
 
     def eval_cli(self, policies: list[str], seeds: list[int], out: Path, device: str = "auto",
                  jobs: int | str = 200, executors: int | str = 50,
-                 arrival_rate: float | str = 4e-5) -> dict[str, Metrics]:
+                 arrival_rate: float | str = 4e-5, decode: str = "argmax") -> dict[str, Metrics]:
         from netllm.results import write_results
 
         from netllm.tasks.cjs.jobs import load_all
 
         config = env_config(jobs, executors, arrival_rate)
-        made = [make_policy(p, config, device=device) for p in policies]  # fail fast on a bad name
+        check_decode(decode)
+        made = [make_policy(p, config, device=device, decode=decode) for p in policies]  # fail fast on a bad name
         load_all()  # load (and hash-check) the TPC-H jobs once, outside the timings
-        prepare_run_dir(out, {"command": "eval cjs", "policies": policies, "seeds": seeds,
+        prepare_run_dir(out, {"command": "eval cjs", "policies": policies, "seeds": seeds, "decode": decode,
                               "jobs": config.num_jobs, "executors": config.num_executors,
                               "arrival_rate": config.arrival_rate})
         results: dict[str, Metrics] = {}
