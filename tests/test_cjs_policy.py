@@ -103,10 +103,11 @@ def test_adapt_save_load_gives_identical_actions(tiny_llama, pool, tmp_path):
 def test_sampled_decoding_is_reproducible_and_differs_from_argmax(tiny_llama, pool, tmp_path):
     from netllm.tasks.cjs.task import make_policy
 
-    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=3, warmup_steps=1)
+    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=3, warmup_steps=1,
+                         decode="sample")
     folder = adapt(pool, tmp_path / "adapter", recipe, device="cpu", progress=False)
-    argmax = make_policy(str(folder), CONFIG, device="cpu")
-    sampled = make_policy(str(folder), CONFIG, device="cpu", decode="sample")
+    sampled = make_policy(str(folder), CONFIG, device="cpu")  # the recipe's decoding
+    argmax = make_policy(str(folder), CONFIG, device="cpu", decode="argmax")
     assert not argmax.sample and sampled.sample and sampled.name == "adapter-sampled"
 
     def actions(policy, seed):

@@ -68,7 +68,7 @@ def test_cli_eval_writes_results_rows_and_cdf(real_data, tmp_path):
 def test_bench_checks_its_pool_and_schedule_options_before_writing(tmp_path):
     out = tmp_path / "bench"
     for kwargs, option in (({"keep": "top"}, "--keep"), ({"draws": "many"}, "--draws"), ({"draws": 0}, "--draws"),
-                           ({"schedule": "step"}, "--schedule")):
+                           ({"schedule": "step"}, "--schedule"), ({"decode": "greedy"}, "--decode")):
         with pytest.raises(NetLLMError, match=option):
             CJSTask().bench(out, **kwargs)
         assert not out.exists()

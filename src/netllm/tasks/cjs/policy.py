@@ -396,8 +396,11 @@ class NetLLMCJSPolicy:
 
     @classmethod
     def from_adapter(cls, folder: str | Path, device: str = "auto", target: float | None = None,
-                     sample: bool = False, gnn: DecimaNet | None = None) -> "NetLLMCJSPolicy":
+                     sample: bool | None = None, gnn: DecimaNet | None = None) -> "NetLLMCJSPolicy":
+        """``sample=None``: decode as the adapter's recipe was validated (arg-max if unrecorded)."""
         config = read_adapter_config(folder)
+        if sample is None:
+            sample = config.get("extra", {}).get("recipe", {}).get("decode", "argmax") == "sample"
         model = NetLLM.from_adapter(folder, task="cjs", device=device)
         goal = target if target is not None else config.get("extra", {}).get("target_return")
         if goal is None:
@@ -496,6 +499,7 @@ class AdaptRecipe:
     eval_seed: int = 1000
     pretrained: bool = True
     seed: int = 0
+    decode: str = "argmax"  # run-time decoding (argmax or sample), also of the validation episodes
 
 
 def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str = "auto", resume: bool = False,
@@ -524,7 +528,8 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
         def eval_fn(m: Any, step: int) -> dict[str, float]:
             m.eval()
             env = CJSEnv.from_config(valid, templates=templates)
-            jct = run_netllm_episode(env, NetLLMCJSPolicy(m, goal, gnn), seed=recipe.eval_seed).avg_jct_s
+            policy = NetLLMCJSPolicy(m, goal, gnn, sample=recipe.decode == "sample")
+            jct = run_netllm_episode(env, policy, seed=recipe.eval_seed).avg_jct_s
             keeper.update(m, jct, step)
             return {"jct_s": jct}
 

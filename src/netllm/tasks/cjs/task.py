@@ -73,16 +73,20 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
-def check_decode(decode: str) -> bool:
+def check_decode(decode: str | None) -> bool | None:
     """``--decode``: argmax (the most likely stage and limit) or sample (from the heads'
-    distributions, as Decima does); returns whether to sample."""
+    distributions, as Decima does); returns whether to sample (None: as the adapter's
+    recipe says)."""
+    if decode is None:
+        return None
     if decode not in ("argmax", "sample"):
         raise NetLLMError(f"--decode: argmax or sample, got {decode!r}")
     return decode == "sample"
 
 
-def make_policy(name: str, config: CJSConfig, device: str = "auto", decode: str = "argmax") -> Any:
-    """A baseline by name, or a trained NetLLM adapter by folder (decoded by ``decode``)."""
+def make_policy(name: str, config: CJSConfig, device: str = "auto", decode: str | None = None) -> Any:
+    """A baseline by name, or a trained NetLLM adapter by folder, decoded by ``decode``
+    (default: the decoding its recipe was validated with)."""
     path = Path(name)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from netllm.tasks.cjs.policy import NetLLMCJSPolicy
@@ -142,7 +146,7 @@ class CJSTask(Task):
 
     def eval_cli(self, policies: list[str], seeds: list[int], out: Path, device: str = "auto",
                  jobs: int | str = 200, executors: int | str = 50,
-                 arrival_rate: float | str = 4e-5, decode: str = "argmax") -> dict[str, Metrics]:
+                 arrival_rate: float | str = 4e-5, decode: str | None = None) -> dict[str, Metrics]:
         from netllm.results import write_results
 
         from netllm.tasks.cjs.jobs import load_all
@@ -190,17 +194,19 @@ class CJSTask(Task):
     def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
               steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
               pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_every: int = 0,
-              eval_jobs: int = 50, schedule: str = "constant") -> Path:
+              eval_jobs: int = 50, schedule: str = "constant", decode: str = "argmax") -> Path:
         """DD-LRNA on a CJS pool (``--context 20`` is upstream's K)."""
         from netllm.tasks.cjs.policy import AdaptRecipe, adapt, load_pool
 
         if pool is None:
             raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
         check_schedule(schedule)
+        check_decode(decode)
         data = load_pool(pool)
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
                              batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
-                             eval_every=int(eval_every), eval_jobs=int(eval_jobs), schedule=str(schedule))
+                             eval_every=int(eval_every), eval_jobs=int(eval_jobs), schedule=str(schedule),
+                             decode=str(decode))
         if epochs is not None:
             recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
         elif steps is not None:
@@ -215,7 +221,7 @@ class CJSTask(Task):
               context: int | str = 20, pool_seeds: str = "101-108", pool_jobs: int | str = 200,
               behaviour: str = "decima", keep: str = "all", draws: int | str = 1,
               schedule: str = "cosine", eval_every: int | str = 500, eval_jobs: int | str = 100,
-              controls: str = "random", netllm: bool | str = True,
+              controls: str = "random", netllm: bool | str = True, decode: str = "argmax",
               settings: str = "default,jobs400,executors30") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
@@ -232,13 +238,13 @@ class CJSTask(Task):
         steps, layers, context = int(steps), int(layers), int(context)
         draws = pool_options(keep, draws)
         check_schedule(schedule)
+        check_decode(decode)
         use_netllm = str(netllm).lower() not in ("false", "0", "no")
         prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies, "llm": llm,
                               "steps": steps, "layers": layers, "context": context, "pool_seeds": pool_seeds,
                               "pool_jobs": pool_jobs, "behaviour": behaviour, "keep": keep, "draws": draws,
                               "schedule": schedule, "eval_every": eval_every, "eval_jobs": eval_jobs,
-                              "controls": controls,
-                              "settings": settings})
+                              "controls": controls, "decode": decode, "settings": settings})
         summary: dict[str, Any] = {"wall_s": {}}
         names = policies.split(",")
         if use_netllm:
@@ -251,7 +257,7 @@ class CJSTask(Task):
             pool = load_pool(pool_path)
             summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}
             recipe = AdaptRecipe(llm=llm, layers=layers, context=context, steps=steps, schedule=schedule,
-                                 eval_every=int(eval_every), eval_jobs=int(eval_jobs))
+                                 eval_every=int(eval_every), eval_jobs=int(eval_jobs), decode=decode)
             runs = {f"netllm-{Path(llm).name}": recipe}
             if "random" in controls:
                 runs[f"netllm-{Path(llm).name}-random-init"] = replace(recipe, pretrained=False)
