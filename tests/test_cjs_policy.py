@@ -26,6 +26,21 @@ def env() -> CJSEnv:
     return CJSEnv.from_config(CONFIG, templates=TEMPLATES)
 
 
+def actions(policy, seed: int) -> list[tuple[int, int]]:
+    """One episode step by step (the policy sees every reward); its actions."""
+    e = env()
+    obs, _ = e.reset(seed)
+    policy.reset(seed)
+    out = []
+    while True:
+        a = policy.act(obs)
+        out.append(tuple(a))
+        obs, reward, done, _, _ = e.step(a)
+        policy.observe(reward)
+        if done:
+            return out
+
+
 @pytest.fixture(scope="module")
 def pool() -> ExperiencePool:
     return collect_pool(["fair"], [1, 2], CONFIG, gnn="random", templates=TEMPLATES, progress=False)
@@ -81,20 +96,7 @@ def test_adapt_save_load_gives_identical_actions(tiny_llama, pool, tmp_path):
     loaded = NetLLMCJSPolicy.from_adapter(folder, device="cpu", gnn=gnn)
     trained = NetLLM.from_adapter(folder, task="cjs", device="cpu")
     other = NetLLMCJSPolicy(trained, loaded.target, gnn)
-    runs = []
-    for policy in (loaded, other):
-        e = env()
-        obs, _ = e.reset(4)
-        policy.reset(4)
-        actions = []
-        while True:
-            a = policy.act(obs)
-            actions.append(tuple(a))
-            obs, reward, done, _, _ = e.step(a)
-            policy.observe(reward)
-            if done:
-                break
-        runs.append(actions)
+    runs = [actions(policy, 4) for policy in (loaded, other)]
     assert runs[0] == runs[1] and len(runs[0]) > 10
     result = run_netllm_episode(env(), loaded, seed=4)
     assert result.avg_jct_s > 0 and result.num_decisions == len(runs[0])
@@ -109,19 +111,6 @@ def test_sampled_decoding_is_reproducible_and_differs_from_argmax(tiny_llama, po
     sampled = make_policy(str(folder), CONFIG, device="cpu")  # the recipe's decoding
     argmax = make_policy(str(folder), CONFIG, device="cpu", decode="argmax")
     assert not argmax.sample and sampled.sample and sampled.name == "adapter-sampled"
-
-    def actions(policy, seed):
-        e = env()
-        obs, _ = e.reset(seed)
-        policy.reset(seed)
-        out = []
-        while True:
-            a = policy.act(obs)
-            out.append(tuple(a))
-            obs, reward, done, _, _ = e.step(a)
-            policy.observe(reward)
-            if done:
-                return out
 
     assert actions(sampled, 4) == actions(sampled, 4)  # the policy's own stream, seeded per episode
     assert actions(sampled, 4) != actions(argmax, 4)
