@@ -11,10 +11,14 @@ The NetLLM scheduler (state tokens from the foundation's graph encoder over the 
 job DAGs, a score over the schedulable stages, a categorical head over executor limits,
 return-conditioned offline RL on a Decima pool) lives in ``policy.py``:
 
-    netllm collect cjs --policy decima --seeds 101-108 --out runs/pool-cjs-decima
-    netllm adapt cjs --pool runs/pool-cjs-decima --out runs/cjs-long --layers 4 --context 20 --steps 3000 \
-        --schedule cosine --eval-every 500 --eval-jobs 100
-    netllm eval cjs --policy runs/cjs-long --policy decima --seeds 1-10
+    netllm collect cjs --policy decima --seeds 101-148 --out runs/pool-cjs-decima48
+    netllm adapt cjs --pool runs/pool-cjs-decima48 --out runs/cjs-d48 --layers 4 --context 20 --steps 3000 \
+        --schedule cosine --eval-every 500 --eval-jobs 100 --decode sample
+    netllm eval cjs --policy runs/cjs-d48 --policy decima --seeds 1-10
+
+The heads imitate Decima, which samples its choices; their arg-max hands out larger
+executor limits than Decima would (``benchmarks/cjs_heads.py``), so a well-fitted
+adapter is decoded by sampling (``--decode sample``, recorded in the adapter).
 
 (``netllm collect cjs ... --keep best --draws 6`` keeps per job sequence the best of 6
 sampled Decima episodes.)
@@ -218,16 +222,17 @@ class CJSTask(Task):
 
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
               policies: str = "fifo,fair,decima", steps: int | str = 3000, layers: int | str = 4,
-              context: int | str = 20, pool_seeds: str = "101-108", pool_jobs: int | str = 200,
+              context: int | str = 20, pool_seeds: str = "101-148", pool_jobs: int | str = 200,
               behaviour: str = "decima", keep: str = "all", draws: int | str = 1,
               schedule: str = "cosine", eval_every: int | str = 500, eval_jobs: int | str = 100,
-              controls: str = "random", netllm: bool | str = True, decode: str = "argmax",
+              controls: str = "random", netllm: bool | str = True, decode: str = "sample",
               settings: str = "default,jobs400,executors30") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
-        The defaults are the README's best recipe (runs/cjs-long): one Decima episode on
-        each of the job sequences 101-108, 3,000 cosine-decayed steps, validation every
-        500 steps; ``--keep best --draws N`` builds a best-of pool instead.
+        The defaults are the README's best recipe (runs/cjs-d48): one Decima episode on
+        each of the job sequences 101-148, 3,000 cosine-decayed steps, validation every
+        500 steps, decisions sampled from the heads (validation and evaluation);
+        ``--keep best --draws N`` builds a best-of pool instead.
         Finished stages are reused when run again with the same --out."""
         from netllm.model import ADAPTER_CONFIG
         from netllm.tasks.cjs.policy import AdaptRecipe, adapt, collect_pool, load_pool, speed_report
