@@ -4,6 +4,8 @@ synthetic jobs, random-weight GNN: no real data needed)."""
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +15,8 @@ from netllm.rl import ExperiencePool, IncrementalPolicy, decision_hidden
 from netllm.tasks.cjs.baselines import torch_threads
 from netllm.tasks.cjs.jobs import synthetic_templates
 from netllm.tasks.cjs.policy import (CANDIDATE_DIM, GLOBAL_DIM, POOLED_DIM, AdaptRecipe, CJSWindowSampler,
-                                     NetLLMCJSPolicy, adapt, cjs_loss, collect_pool, load_gnn, load_pool,
-                                     model_config, run_netllm_episode)
+                                     NetLLMCJSPolicy, adapt, cjs_loss, collect_pool, decode_temperature, load_gnn,
+                                     load_pool, load_pools, model_config, run_netllm_episode)
 from netllm.tasks.cjs.sim import CJSConfig, CJSEnv
 from netllm.utils import NetLLMError
 
@@ -68,6 +70,47 @@ def test_pool_layout_and_round_trip(pool, tmp_path):
     assert np.array_equal(again.states["candidates"], st["candidates"])
 
 
+def test_several_pools_train_as_one(pool, tmp_path):
+    """``adapt cjs --pool A --pool B``: episodes in order, candidate sets padded to the widest."""
+    wide = collect_pool(["fifo"], [3], CJSConfig(num_executors=10, num_jobs=8, arrival_rate=4e-4), gnn="random",
+                        templates=TEMPLATES, progress=False)
+    assert wide.meta["max_candidates"] > pool.meta["max_candidates"]  # so padding is exercised
+    a, b = pool.save(tmp_path / "a.npz"), wide.save(tmp_path / "b.npz")
+    both = load_pools([a, b])
+    M = max(pool.meta["max_candidates"], wide.meta["max_candidates"])
+    assert both.num_episodes == 3 and len(both) == len(pool) + len(wide) and both.meta["max_candidates"] == M
+    assert both.meta["seeds"] == [1, 2, 3] and both.meta["policies"] == ["fair", "fifo"]
+    for part, rows in ((pool, slice(0, len(pool))), (wide, slice(len(pool), None))):
+        m = part.meta["max_candidates"]
+        assert np.array_equal(both.states["candidates"][rows, :m], part.states["candidates"])
+        assert not both.states["cand_mask"][rows, m:].any()  # padding is masked out
+        assert np.array_equal(both.actions[rows], part.actions)
+    assert np.allclose(both.episode_returns(), np.r_[pool.episode_returns(), wide.episode_returns()])
+    other = collect_pool(["fifo"], [3], CJSConfig(num_executors=12, num_jobs=3, arrival_rate=4e-4), gnn="random",
+                         templates=TEMPLATES, progress=False).save(tmp_path / "c.npz")
+    with pytest.raises(NetLLMError, match=r"--pool: .*c.npz was collected with executors=12"):
+        load_pools([a, other])
+    with pytest.raises(NetLLMError, match="--pool: CJS adaptation needs an experience pool"):
+        load_pools([])
+
+
+def test_cli_adapt_takes_several_pools(tiny_llama, pool, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    a = pool.save(tmp_path / "a.npz")
+    b = collect_pool(["fifo"], [3], CONFIG, gnn="random", templates=TEMPLATES, progress=False).save(tmp_path / "b.npz")
+    out = tmp_path / "adapter"
+    done = subprocess.run([sys.executable, "-m", "netllm.cli", "adapt", "cjs", "--pool", str(a), "--pool", str(b),
+                           "--out", str(out), "--llm", tiny_llama, "--layers", "1", "--rank", "2", "--context", "4",
+                           "--steps", "2", "--batch-size", "2", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    trained_on = json.loads((out / "adapter_config.json").read_text())["extra"]["pool"]
+    assert trained_on["pools"] == [str(a), str(b)] and trained_on["seeds"] == [1, 2, 3]
+
+
 def test_training_steps_lower_the_loss(model, pool):
     sampler = CJSWindowSampler(pool, model.config.rl, batch_size=4, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,8 +157,18 @@ def test_sampled_decoding_is_reproducible_and_differs_from_argmax(tiny_llama, po
 
     assert actions(sampled, 4) == actions(sampled, 4)  # the policy's own stream, seeded per episode
     assert actions(sampled, 4) != actions(argmax, 4)
-    with pytest.raises(NetLLMError, match="--decode: argmax or sample, got 'greedy'"):
+    cold = make_policy(str(folder), CONFIG, device="cpu", decode="sample:0.0001")
+    assert cold.temperature == 0.0001 and cold.name == "adapter-sampled-t0.0001"
+    assert actions(cold, 4) == actions(argmax, 4)  # a temperature near 0 is the arg-max
+    with pytest.raises(NetLLMError, match="--decode: argmax, sample or sample:T .*, got 'greedy'"):
         make_policy(str(folder), CONFIG, device="cpu", decode="greedy")
+
+
+def test_decode_temperature():
+    assert [decode_temperature(d) for d in ("argmax", "sample", "sample:0.5", "sample:2")] == [0, 1, 0.5, 2]
+    for bad in ("greedy", "sample:0", "sample:-1", "sample:x", "sample:", "argmax:1", "sample:inf", "sample:nan"):
+        with pytest.raises(NetLLMError, match="--decode"):
+            decode_temperature(bad)
 
 
 def test_kv_cache_matches_full_recompute(model):
@@ -200,3 +253,58 @@ def test_best_of_draws_keeps_the_best_sampled_episode_per_job_sequence(real_data
         collect_pool(["fair"], seeds, CONFIG, keep="top", templates=TEMPLATES)
     with pytest.raises(NetLLMError, match="--draws"):
         collect_pool(["fair"], seeds, CONFIG, draws=0, templates=TEMPLATES)
+
+
+def test_best_segments_choose_the_best_continuation(real_data, monkeypatch):
+    """--segment S: every S simulated seconds each draw plays on from a fork of the same
+    state; the continuation whose jobs spent the least time in the system goes on."""
+    from netllm.tasks.cjs.baselines import make_scheduler
+    from netllm.tasks.cjs.policy import record_best_segments, record_episode
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    config = CJSConfig(num_executors=10, num_jobs=30, arrival_rate=4e-4)
+    SEG_S = 20  # long enough for jobs to finish inside a segment (else every draw scores the same)
+
+    def sequence():
+        return CJSEnv.from_config(config, templates=TEMPLATES)
+
+    # a deterministic scheduler cut into segments plays its plain episode
+    fifo = make_scheduler("fifo")
+    plain, _ = record_episode(sequence(), fifo, None, seed=3)
+    cut, _, segments = record_best_segments(sequence(), [(fifo, 0)], None, seed=3, segment_ms=2_000)
+    assert segments > 3
+    assert np.array_equal(cut["actions"], plain["actions"]) and np.allclose(cut["rewards"], plain["rewards"])
+
+    decima = make_scheduler("decima")
+    pool = collect_pool(["decima"], [3, 4], config, keep="best", draws=4, segment_s=SEG_S, gnn="random",
+                        templates=TEMPLATES, progress=False)
+    kept = pool.meta["episodes"]
+    assert pool.meta["segment_s"] == SEG_S and [k["seed"] for k in kept] == [3, 4] and kept[0]["segments"] > 2
+    for k, total in zip(kept, pool.episode_returns()):  # rewards sum to minus the total JCT
+        assert -total == pytest.approx(k["avg_jct_s"] * 1000 * config.num_jobs, rel=1e-6)
+    again = collect_pool(["decima"], [3], config, keep="best", draws=4, segment_s=SEG_S, gnn="random",
+                         templates=TEMPLATES, progress=False)
+    assert np.array_equal(again.actions, pool.actions[:len(again)])  # reproducible
+
+    # the first segment kept is the best of its 4 candidates: replay them
+    env = sequence()
+    env.reset(3)
+    scores, played = [], []
+    for draw in range(4):
+        twin, obs = env.fork()
+        decima.reset(3, rng=random.Random((3 * 1_000_003 + draw) * 100_003 + 0))
+        acts, done = [], False
+        while twin.wall_time_ms < SEG_S * 1000 and not done:
+            a = decima.act(obs)
+            if len(obs.runnable):
+                acts.append(tuple(a))
+            obs, _, done, _, _ = twin.step(a)
+        scores.append(twin.job_time_ms(0, SEG_S * 1000))
+        played.append(acts)
+    assert len(set(scores)) > 1  # the draws differ
+    best = played[int(np.argmin(scores))]
+    assert [tuple(a) for a in pool.actions[: len(best)]] == best
+    with pytest.raises(NetLLMError, match="--segment: .*needs --keep best"):
+        collect_pool(["decima"], [3], config, draws=2, segment_s=5, templates=TEMPLATES)
+    with pytest.raises(NetLLMError, match="--segment: must be >= 0"):
+        collect_pool(["decima"], [3], config, keep="best", draws=2, segment_s=-1, templates=TEMPLATES)

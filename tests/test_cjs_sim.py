@@ -173,6 +173,35 @@ def test_same_seed_same_episode_and_seeds_differ() -> None:
     assert run(5) != run(6)
 
 
+def test_fork_plays_on_independently_and_shares_the_job_data() -> None:
+    env = _env()
+    obs, _ = env.reset(5)
+    for _ in range(6):
+        obs, _, _, _, _ = env.step(_first_runnable(obs))
+    twin, twin_obs = env.fork()
+    assert np.array_equal(twin_obs.nodes, obs.nodes) and twin_obs.wall_time_ms == obs.wall_time_ms
+    assert twin.jobs[0].template is env.jobs[0].template  # read-only job data is shared
+    assert twin.jobs[0] is not env.jobs[0] and twin.rng is not env.rng
+
+    def finish(e, o):
+        done, total = False, 0.0
+        while not done:
+            o, r, done, _, _ = e.step(_first_runnable(o))
+            total += r
+        return total, [(r.arrival_ms, r.completion_ms) for r in e.job_records()]
+
+    t0 = env.wall_time_ms
+    ours, theirs = finish(twin, twin_obs), finish(env, obs)
+    assert ours == theirs  # the same actions on the same state and streams: the same future
+    # the reward from t0 on is minus the job time after t0
+    assert -ours[0] == pytest.approx(env.job_time_ms(t0, float("inf")), rel=1e-9)
+    assert env.job_time_ms(0, float("inf")) == pytest.approx(env.avg_jct_s * 1000 * len(env.jobs), rel=1e-9)
+    whole = env.job_time_ms(0, env.wall_time_ms)
+    assert env.job_time_ms(0, t0) + env.job_time_ms(t0, env.wall_time_ms) == pytest.approx(whole, rel=1e-9)
+    with pytest.raises(NetLLMError, match="fork"):
+        env.fork()  # the episode has ended
+
+
 def test_arrivals_follow_configuration() -> None:
     env = _env(num_jobs=300, arrival_rate=1e-3)
     env.reset(seed=0)

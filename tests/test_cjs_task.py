@@ -39,7 +39,7 @@ def test_bad_options_name_themselves(tmp_path):
         CJSTask().eval_cli(["fifo"], [1], out, decode="greedy")
     assert not out.exists()
     with pytest.raises(NetLLMError, match="--schedule"):
-        CJSTask().adapt(pool=tmp_path / "pool.npz", out=out, llm="smollm2", device="cpu", layers=2, rank=4,
+        CJSTask().adapt(pool=[tmp_path / "pool.npz"], out=out, llm="smollm2", device="cpu", layers=2, rank=4,
                         steps=1, epochs=None, context=4, seeds=[0], resume=False, pretrained=True,
                         schedule="step")
     assert not out.exists()

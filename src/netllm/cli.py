@@ -184,7 +184,8 @@ def collect(
 def adapt(
     ctx: typer.Context,
     task: str = typer.Argument(..., help="Task name (abr, vp, cjs, ...)."),
-    pool: Optional[Path] = typer.Option(None, "--pool", help="Experience pool (decision tasks)."),
+    pool: Optional[list[Path]] = typer.Option(None, "--pool", help="Experience pool (decision tasks); "
+                                              "repeat it to train on several pools."),
     out: Optional[Path] = OUT,
     llm: str = LLM,
     device: str = DEVICE,
@@ -201,9 +202,9 @@ def adapt(
     from netllm.tasks import get_task
 
     seed_list = parse_seeds(seeds)
-    _call_task(get_task(task), "adapt", task, _task_options(ctx), pool=pool, out=_out(out, f"{task}-adapter"),
-               llm=llm, device=device, layers=layers, rank=rank, steps=steps, epochs=epochs, context=context,
-               seeds=seed_list, resume=resume, pretrained=not random_init)
+    _call_task(get_task(task), "adapt", task, _task_options(ctx), pool=list(pool or []),
+               out=_out(out, f"{task}-adapter"), llm=llm, device=device, layers=layers, rank=rank, steps=steps,
+               epochs=epochs, context=context, seeds=seed_list, resume=resume, pretrained=not random_init)
 
 
 @app.command(name="eval", context_settings=TASK_OPTIONS)

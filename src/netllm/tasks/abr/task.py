@@ -367,22 +367,23 @@ class ABRTask(Task):
         console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} steps -> {path}")
         return path
 
-    def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
+    def adapt(self, pool: list[Path], out: Path, llm: str, device: str, layers: int | None, rank: int,
               steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
               pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_traces: str = "fcc-valid",
               video: str = "video1") -> Path:
         from netllm.tasks.abr.traces import load_traces, load_video
 
-        if pool is None:
+        if not pool:
             raise NetLLMError("--pool: ABR adaptation needs an experience pool (netllm collect abr ...)")
-        data = ExperiencePool.load(pool, task="abr")
+        data = ExperiencePool.concat([ExperiencePool.load(p, task="abr") for p in pool]) if len(pool) > 1 \
+            else ExperiencePool.load(pool[0], task="abr")
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 6, rank=rank, context=context,
                              batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0])
         if epochs is not None:
             recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
         elif steps is not None:
             recipe.steps = steps
-        prepare_run_dir(out, {"command": "adapt abr", "pool": str(pool), **recipe.__dict__})
+        prepare_run_dir(out, {"command": "adapt abr", "pool": [str(p) for p in pool], **recipe.__dict__})
         evals = load_traces(eval_traces)[: recipe.eval_traces] if eval_traces else None
         adapter = adapt(data, out, recipe, device=device, resume=resume, eval_traces=evals,
                         eval_video=load_video(video))

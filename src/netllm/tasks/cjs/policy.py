@@ -37,7 +37,7 @@ from __future__ import annotations
 import inspect
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -169,29 +169,89 @@ def _reset(policy: Any, env: CJSEnv, seed: int, draw: int = 0) -> None:
         policy.reset(seed)
 
 
+@dataclass
+class _Played:
+    """Decisions of a stretch of an episode: what ``keep`` made of each observation
+    (features, or the observation itself), the actions, and the reward after each
+    (``lead``: reward before the first decision of the stretch)."""
+
+    kept: list[Any]
+    actions: list[tuple[int, int]]
+    rewards: list[float]
+    lead: float = 0.0
+
+
+def _play(env: CJSEnv, obs: CJSObservation, policy: Any, keep: Callable[[CJSObservation], Any] | None,
+          until_ms: float = float("inf")) -> tuple[CJSObservation, bool, _Played]:
+    """Step ``policy`` until the episode ends or the first decision at or after
+    ``until_ms`` of simulated time; returns (observation, done, what was played)."""
+    played = _Played([], [], [])
+    while env.wall_time_ms < until_ms:
+        action = policy.act(obs)
+        if len(obs.runnable) and int(action[0]) >= 0:  # a heuristic's "none" (-1) is no decision
+            if keep is not None:
+                played.kept.append(keep(obs))
+            played.actions.append((int(action[0]), int(action[1])))
+            played.rewards.append(0.0)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        if played.rewards:
+            played.rewards[-1] += reward  # steps without a decision: reward joins the previous step
+        else:
+            played.lead += reward
+        if terminated or truncated:
+            return obs, True, played
+    return obs, False, played
+
+
+def _episode(feats: list[Features], actions: list[tuple[int, int]], rewards: list[float]) -> dict[str, Any]:
+    return {"features": feats, "actions": np.array(actions, dtype=np.int64).reshape(-1, 2),
+            "rewards": np.array(rewards, dtype=np.float64)}
+
+
 def record_episode(env: CJSEnv, policy: Any, gnn: DecimaNet | None, seed: int, draw: int = 0
                    ) -> tuple[dict[str, Any], float]:
     """Play one episode with a baseline and record its decisions; returns (episode, avg JCT s).
     ``gnn=None`` only plays it (no features: cheap, for choosing the best draw)."""
     obs, _ = env.reset(seed)
     _reset(policy, env, seed, draw)
+    _, _, played = _play(env, obs, policy, (lambda o: featurize(gnn, o)) if gnn is not None else None)
+    return _episode(played.kept, played.actions, played.rewards), env.avg_jct_s
+
+
+def record_best_segments(env: CJSEnv, plays: Sequence[tuple[Any, int]], gnn: DecimaNet | None, seed: int,
+                         segment_ms: float) -> tuple[dict[str, Any], float, int]:
+    """One episode on job sequence ``seed`` built from the best continuations: every
+    ``segment_ms`` of simulated time each (policy, draw) of ``plays`` plays on from the
+    same state (a fork of the simulator) with a sampling stream of its own, and the one
+    whose jobs spent the least time in the system over that stretch goes on. A lookahead
+    that needs the simulator, so it improves the logged behaviour, not a deployable
+    policy. Returns (episode, avg JCT s, number of segments)."""
+    obs, _ = env.reset(seed)
     feats: list[Features] = []
     actions: list[tuple[int, int]] = []
     rewards: list[float] = []
-    while True:
-        action = policy.act(obs)
-        if len(obs.runnable) and int(action[0]) >= 0:  # a heuristic's "none" (-1) is no decision
-            if gnn is not None:
-                feats.append(featurize(gnn, obs))
-            actions.append((int(action[0]), int(action[1])))
-            rewards.append(0.0)
-        obs, reward, terminated, truncated, _ = env.step(action)
+    done, segment = False, 0
+    while not done:
+        t0, best = env.wall_time_ms, None
+        for policy, draw in plays:
+            twin, start = env.fork()
+            if "rng" in inspect.signature(policy.reset).parameters:
+                policy.reset(seed, rng=random.Random((seed * 1_000_003 + draw) * 100_003 + segment))
+            else:
+                policy.reset(seed)
+            end, finished, played = _play(twin, start, policy, lambda o: o, until_ms=t0 + segment_ms)
+            score = twin.job_time_ms(t0, t0 + segment_ms)
+            if best is None or score < best[0]:
+                best = (score, twin, end, finished, played)
+        _, env, obs, done, played = best
         if rewards:
-            rewards[-1] += reward  # steps without a decision: reward joins the previous step
-        if terminated or truncated:
-            break
-    return {"features": feats, "actions": np.array(actions, dtype=np.int64).reshape(-1, 2),
-            "rewards": np.array(rewards, dtype=np.float64)}, env.avg_jct_s
+            rewards[-1] += played.lead
+        if gnn is not None:
+            feats.extend(featurize(gnn, o) for o in played.kept)
+        actions.extend(played.actions)
+        rewards.extend(played.rewards)
+        segment += 1
+    return _episode(feats, actions, rewards), env.avg_jct_s, segment
 
 
 def pool_from_episodes(episodes: Sequence[dict[str, Any]], meta: dict[str, Any]) -> ExperiencePool:
@@ -214,8 +274,8 @@ def pool_from_episodes(episodes: Sequence[dict[str, Any]], meta: dict[str, Any])
 
 
 def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfig = CJSConfig(), *,
-                 keep: str = "all", draws: int = 1, gnn: str = "decima", templates: Any = None,
-                 progress: bool = True) -> ExperiencePool:
+                 keep: str = "all", draws: int = 1, segment_s: float = 0.0, gnn: str = "decima",
+                 templates: Any = None, progress: bool = True) -> ExperiencePool:
     """Trajectories of existing schedulers on the job sequences ``seeds``.
 
     ``draws``: episodes per (sampling policy, seed), each with its own sampling stream
@@ -226,16 +286,35 @@ def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfi
     sets most of an episode's return, so a pool of average episodes cannot be told apart
     by return conditioning. Candidates are first played without features (cheap); only
     kept episodes are recorded with the GNN.
+    ``keep="best"`` with ``segment_s > 0``: the choice is made every ``segment_s``
+    seconds of simulated time instead of once per episode (``record_best_segments``).
     """
     from netllm.tasks.cjs.task import make_policy, pool_options
 
-    draws = pool_options(keep, draws)
+    draws, segment_s = pool_options(keep, draws, segment_s)
     net = load_gnn(gnn)
     made = {name: make_policy(name, config) for name in policies}
+    if segment_s > 0:
+        for name, policy in made.items():
+            if hasattr(policy, "observe"):  # return-conditioned: its context cannot be forked
+                raise NetLLMError(f"--segment: choose among the baseline schedulers, not {name}")
     plays = [(name, draw) for name in policies
              for draw in range(draws if getattr(made[name], "stochastic", True) else 1)]
     episodes, kept = [], []
     for seed in seeds:
+        if segment_s > 0:
+            t0 = time.perf_counter()
+            ep, jct, segments = record_best_segments(CJSEnv.from_config(config, templates=templates),
+                                                     [(made[n], d) for n, d in plays], net, seed,
+                                                     segment_s * 1000.0)
+            episodes.append(ep)
+            kept.append({"policy": "+".join(policies), "seed": int(seed), "draws": len(plays),
+                         "segments": segments, "avg_jct_s": jct})
+            if progress:
+                console.print(f"collected best of {len(plays)} every {segment_s:g} s, seed {seed}: "
+                              f"{len(ep['rewards'])} decisions, {segments} segments, avg JCT {jct:.2f} s, "
+                              f"{time.perf_counter() - t0:.1f} s")
+            continue
         chosen = plays
         if keep == "best" and len(plays) > 1:
             returns = {}
@@ -256,7 +335,7 @@ def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfi
                               f"avg JCT {jct:.2f} s, return {ep['rewards'].sum() / RETURN_SCALE:.2f} (x1e6 ms), "
                               f"{time.perf_counter() - t0:.1f} s")
     meta = {"task": "cjs", "policies": list(policies), "seeds": list(seeds), "gnn": gnn, "keep": keep,
-            "draws": draws, "episodes": kept,
+            "draws": draws, "segment_s": segment_s, "episodes": kept,
             "jobs": config.num_jobs, "executors": config.num_executors, "arrival_rate": config.arrival_rate,
             "feature_version": FEATURE_VERSION, "reward": "negative job time between decisions (ms)"}
     return pool_from_episodes(episodes, meta)
@@ -283,6 +362,41 @@ def load_pool(path: Any) -> ExperiencePool:
     pool = ExperiencePool.load(path, task="cjs")
     check_pool(pool, path)
     return pool
+
+
+def pad_candidates(pool: ExperiencePool, width: int) -> ExperiencePool:
+    """The pool with its candidate sets padded (masked out) to ``width`` slots."""
+    have = pool.states["candidates"].shape[1]
+    if have == width:
+        return pool
+    pad = {name: [(0, 0), (0, width - have)] + [(0, 0)] * (arr.ndim - 2)
+           for name, arr in pool.states.items() if name in ("candidates", "cand_mask", "cand_caps")}
+    states = {name: np.pad(arr, pad[name]) if name in pad else arr for name, arr in pool.states.items()}
+    return replace(pool, states=states, meta={**pool.meta, "max_candidates": width})
+
+
+def load_pools(paths: Sequence[Any]) -> ExperiencePool:
+    """One pool from several CJS pools (``--pool A --pool B``): their episodes in order,
+    candidate sets padded to the widest; the pools must come from the same simulator
+    executor count and GNN features (else one error naming the pool that differs); the
+    number of jobs and the arrival rate may differ between episodes."""
+    if not paths:
+        raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
+    pools = [load_pool(p) for p in paths]
+    if len(pools) == 1:
+        return pools[0]
+    first = pools[0].meta
+    for path, pool in zip(paths[1:], pools[1:]):
+        for key in ("executors", "gnn"):
+            if pool.meta.get(key) != first.get(key):
+                raise NetLLMError(f"--pool: {path} was collected with {key}={pool.meta.get(key)!r}, "
+                                  f"{paths[0]} with {first.get(key)!r}; pools must share it")
+    width = max(p.states["candidates"].shape[1] for p in pools)
+    meta = {**first, "max_candidates": width, "pools": [str(p) for p in paths],
+            "policies": sorted({x for p in pools for x in p.meta.get("policies", [])}),
+            "seeds": [s for p in pools for s in p.meta.get("seeds", [])],
+            "episodes": [e for p in pools for e in p.meta.get("episodes", [])]}
+    return ExperiencePool.concat([pad_candidates(p, width) for p in pools], meta=meta)
 
 
 # ----------------------------------------------------------------------------- training
@@ -378,35 +492,59 @@ def cjs_loss(model: NetLLM, batch: CJSBatch) -> tuple[torch.Tensor, dict[str, fl
 # ----------------------------------------------------------------------------- policy
 
 
+def decode_temperature(decode: str) -> float:
+    """``--decode``: ``argmax`` (the most likely stage and limit: temperature 0), ``sample``
+    (from the heads' distributions, as Decima does: temperature 1) or ``sample:T`` (from
+    softmax(logits / T), T > 0; T < 1 sharpens towards the arg-max)."""
+    kind, sep, temp = str(decode).partition(":")
+    try:
+        if kind == "argmax" and not sep:
+            return 0.0
+        if kind == "sample":
+            value = float(temp) if sep else 1.0
+            if value > 0 and np.isfinite(value):
+                return value
+    except ValueError:
+        pass
+    raise NetLLMError(f"--decode: argmax, sample or sample:T (a temperature T > 0), got {decode!r}")
+
+
 class NetLLMCJSPolicy:
     """A trained adapter behind the schedulers' interface (``reset`` / ``act``), deciding
     with the KV cache (``use_cache=False`` recomputes the whole context: a control).
     The episode runner passes each reward to ``observe`` (it lowers the target return)."""
 
-    def __init__(self, model: NetLLM, target: float, gnn: DecimaNet, sample: bool = False, name: str = "netllm",
-                 use_cache: bool = True, num_threads: int | None = 1) -> None:
+    def __init__(self, model: NetLLM, target: float, gnn: DecimaNet, temperature: float = 0.0,
+                 name: str = "netllm", use_cache: bool = True, num_threads: int | None = 1) -> None:
         self.model, self.target, self.gnn = model, target, gnn
         self.num_threads = num_threads  # a few tokens per decision: one thread avoids OpenMP contention
-        self.sample, self.name, self.use_cache = sample, name, use_cache
+        self.temperature = float(temperature)  # 0: arg-max; T > 0: sample from softmax(logits / T)
+        self.name, self.use_cache = name, use_cache
         self.classes = model.heads["executors"].num_classes
         self.inc: IncrementalPolicy | None = None
         self.prev_action: torch.Tensor | None = None
         self.reward_since = 0.0
         self.rng = random.Random(0)
 
+    @property
+    def sample(self) -> bool:
+        return self.temperature > 0
+
     @classmethod
     def from_adapter(cls, folder: str | Path, device: str = "auto", target: float | None = None,
-                     sample: bool | None = None, gnn: DecimaNet | None = None) -> "NetLLMCJSPolicy":
-        """``sample=None``: decode as the adapter's recipe was validated (arg-max if unrecorded)."""
+                     decode: str | None = None, gnn: DecimaNet | None = None) -> "NetLLMCJSPolicy":
+        """``decode`` (see ``decode_temperature``); None: as the adapter's recipe was validated
+        (arg-max if unrecorded)."""
         config = read_adapter_config(folder)
-        if sample is None:
-            sample = config.get("extra", {}).get("recipe", {}).get("decode", "argmax") == "sample"
+        if decode is None:
+            decode = str(config.get("extra", {}).get("recipe", {}).get("decode", "argmax"))
+        temperature = decode_temperature(decode)
         model = NetLLM.from_adapter(folder, task="cjs", device=device)
         goal = target if target is not None else config.get("extra", {}).get("target_return")
         if goal is None:
             raise NetLLMError(f"{folder}: adapter config has no target_return; pass target=")
         net = gnn if gnn is not None else load_gnn(config.get("norm", {}).get("gnn", "decima"))
-        return cls(model, float(goal), net, sample=sample, name=Path(folder).name)
+        return cls(model, float(goal), net, temperature=temperature, name=Path(folder).name)
 
     def reset(self, seed: int | None = None, rng: random.Random | None = None) -> None:
         self.inc = IncrementalPolicy(self.model, target=self.target, batch_size=1, use_cache=self.use_cache)
@@ -433,7 +571,7 @@ class NetLLMCJSPolicy:
     def _pick(self, logits: torch.Tensor) -> int:
         if not self.sample:
             return int(logits.argmax(-1))
-        probs = torch.softmax(logits.float().cpu(), -1).numpy()
+        probs = torch.softmax(logits.float().cpu() / self.temperature, -1).numpy()
         return self.rng.choices(range(probs.size), probs)[0]
 
     def act(self, obs: CJSObservation) -> CJSAction:
@@ -499,7 +637,7 @@ class AdaptRecipe:
     eval_seed: int = 1000
     pretrained: bool = True
     seed: int = 0
-    decode: str = "argmax"  # run-time decoding (argmax or sample), also of the validation episodes
+    decode: str = "argmax"  # run-time decoding (argmax, sample or sample:T), also of the validation episodes
 
 
 def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str = "auto", resume: bool = False,
@@ -528,7 +666,7 @@ def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str =
         def eval_fn(m: Any, step: int) -> dict[str, float]:
             m.eval()
             env = CJSEnv.from_config(valid, templates=templates)
-            policy = NetLLMCJSPolicy(m, goal, gnn, sample=recipe.decode == "sample")
+            policy = NetLLMCJSPolicy(m, goal, gnn, temperature=decode_temperature(recipe.decode))
             jct = run_netllm_episode(env, policy, seed=recipe.eval_seed).avg_jct_s
             keeper.update(m, jct, step)
             return {"jct_s": jct}

@@ -59,6 +59,7 @@ and, as upstream, to the stage's remaining demand.
 
 from __future__ import annotations
 
+import copy
 import heapq
 import math
 import random
@@ -414,6 +415,32 @@ def executor_intervals(num_executors: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------- environment
 
 
+_MEMOS: dict[int, tuple[Any, dict[int, Any]]] = {}
+
+
+def _shared_memo(templates: Any) -> dict[int, Any]:
+    """A ``deepcopy`` memo mapping every object inside ``templates`` to itself (so copies
+    of an episode share the read-only job data); built once per templates object."""
+    key = id(templates)
+    if key not in _MEMOS or _MEMOS[key][0] is not templates:
+        memo: dict[int, Any] = {}
+        todo = [templates]
+        while todo:
+            obj = todo.pop()
+            if id(obj) in memo or isinstance(obj, (int, float, str, bool, type(None))):
+                continue
+            memo[id(obj)] = obj
+            if isinstance(obj, Mapping):
+                todo.extend(obj.keys())
+                todo.extend(obj.values())
+            elif isinstance(obj, (list, tuple, set, frozenset)):
+                todo.extend(obj)
+            elif hasattr(obj, "__dict__"):
+                todo.extend(vars(obj).values())
+        _MEMOS[key] = (templates, memo)
+    return dict(_MEMOS[key][1])
+
+
 class CJSEnv:
     """Gymnasium-style Spark scheduling environment (see the module docstring).
 
@@ -457,6 +484,22 @@ class CJSEnv:
     @property
     def num_executors(self) -> int:
         return self.config.num_executors
+
+    def fork(self) -> tuple[CJSEnv, CJSObservation]:
+        """An independent copy of the running episode (state and random streams) and its
+        current observation: play a continuation on it without touching this one. The
+        job templates (read-only data) are shared, not copied."""
+        if self._done:
+            raise NetLLMError("fork(): no episode is running; call reset()")
+        memo = _shared_memo(self._templates)
+        twin = copy.deepcopy(self, memo)
+        return twin, twin._observe()
+
+    def job_time_ms(self, t0: float, t1: float) -> float:
+        """Time the jobs spent in the system within ``[t0, t1)`` (ms, summed over jobs;
+        a job still running counts up to the simulator's clock)."""
+        end = min(t1, self.wall_time_ms)
+        return float(sum(max(0.0, min(j.completion_ms, end) - max(j.arrival_ms, t0)) for j in self.jobs))
 
     # ------------------------------------------------------------------ gym API
 

@@ -21,11 +21,14 @@ executor limits than Decima would (``benchmarks/cjs_heads.py``), so a well-fitte
 adapter is decoded by sampling (``--decode sample``, recorded in the adapter).
 
 (``netllm collect cjs ... --keep best --draws 6`` keeps per job sequence the best of 6
-sampled Decima episodes.)
+sampled Decima episodes; ``--segment 600`` makes that choice every 600 simulated
+seconds among continuations played from a fork of the simulator. ``netllm adapt cjs``
+takes several ``--pool``.)
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -58,8 +61,9 @@ def env_config(jobs: int | str = 200, executors: int | str = 50, arrival_rate: f
     return CJSConfig(**values)
 
 
-def pool_options(keep: str, draws: int | str) -> int:
-    """``--keep`` / ``--draws`` of a CJS pool, checked; returns draws as an int."""
+def pool_options(keep: str, draws: int | str, segment: float | str = 0) -> tuple[int, float]:
+    """``--keep`` / ``--draws`` / ``--segment`` of a CJS pool, checked; returns
+    (draws, segment seconds)."""
     if keep not in ("all", "best"):
         raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
     try:
@@ -68,7 +72,15 @@ def pool_options(keep: str, draws: int | str) -> int:
         raise NetLLMError(f"--draws: expected an integer, got {draws!r}") from None
     if n < 1:
         raise NetLLMError(f"--draws: must be >= 1, got {draws}")
-    return n
+    try:
+        seg = float(segment)
+    except (TypeError, ValueError):
+        raise NetLLMError(f"--segment: expected seconds of simulated time, got {segment!r}") from None
+    if not (seg >= 0 and math.isfinite(seg)):
+        raise NetLLMError(f"--segment: must be >= 0 seconds (0: choose whole episodes), got {segment!r}")
+    if seg > 0 and keep != "best":
+        raise NetLLMError("--segment: chooses the best continuation, so it needs --keep best")
+    return n, seg
 
 
 def check_schedule(schedule: str) -> str:
@@ -77,15 +89,14 @@ def check_schedule(schedule: str) -> str:
     return schedule
 
 
-def check_decode(decode: str | None) -> bool | None:
-    """``--decode``: argmax (the most likely stage and limit) or sample (from the heads'
-    distributions, as Decima does); returns whether to sample (None: as the adapter's
-    recipe says)."""
-    if decode is None:
-        return None
-    if decode not in ("argmax", "sample"):
-        raise NetLLMError(f"--decode: argmax or sample, got {decode!r}")
-    return decode == "sample"
+def check_decode(decode: str | None) -> str | None:
+    """``--decode`` (``argmax``, ``sample`` or ``sample:T``, see ``decode_temperature``);
+    None: as the adapter's recipe says."""
+    if decode is not None:
+        from netllm.tasks.cjs.policy import decode_temperature
+
+        decode_temperature(decode)
+    return decode
 
 
 def make_policy(name: str, config: CJSConfig, device: str = "auto", decode: str | None = None) -> Any:
@@ -95,9 +106,9 @@ def make_policy(name: str, config: CJSConfig, device: str = "auto", decode: str 
     if path.is_dir() and (path / "adapter_config.json").is_file():
         from netllm.tasks.cjs.policy import NetLLMCJSPolicy
 
-        policy = NetLLMCJSPolicy.from_adapter(path, device=device, sample=check_decode(decode))
+        policy = NetLLMCJSPolicy.from_adapter(path, device=device, decode=check_decode(decode))
         if policy.sample:
-            policy.name += "-sampled"
+            policy.name += "-sampled" + (f"-t{policy.temperature:g}" if policy.temperature != 1 else "")
         return policy
     if path.exists() or "/" in name:
         raise NetLLMError(f"--policy: {name} is not an adapter folder (no adapter_config.json)")
@@ -177,36 +188,37 @@ class CJSTask(Task):
 
     def collect(self, policies: list[str], seeds: list[int], out: Path, jobs: int | str = 200,
                 executors: int | str = 50, arrival_rate: float | str = 4e-5, gnn: str = "decima",
-                keep: str = "all", draws: int | str = 1) -> Path:
+                keep: str = "all", draws: int | str = 1, segment: float | str = 0) -> Path:
         """An experience pool, features from the frozen GNN: one episode per (policy, seed),
-        or ``--draws N --keep best``: per job sequence the best of N sampled episodes."""
+        or ``--draws N --keep best``: per job sequence the best of N sampled episodes, or
+        with ``--segment S`` the best of N continuations every S simulated seconds."""
         from netllm.tasks.cjs.policy import collect_pool
 
         config = env_config(jobs, executors, arrival_rate)
-        draws = pool_options(keep, draws)
+        draws, segment_s = pool_options(keep, draws, segment)
         for p in policies:
             make_policy(p, config)  # fail fast on a bad name
         prepare_run_dir(out, {"command": "collect cjs", "policies": policies, "seeds": seeds,
                               "jobs": config.num_jobs, "executors": config.num_executors,
-                              "arrival_rate": config.arrival_rate, "gnn": gnn, "keep": keep, "draws": draws})
-        pool = collect_pool(policies, seeds, config, keep=keep, draws=draws, gnn=gnn)
+                              "arrival_rate": config.arrival_rate, "gnn": gnn, "keep": keep, "draws": draws,
+                              "segment_s": segment_s})
+        pool = collect_pool(policies, seeds, config, keep=keep, draws=draws, segment_s=segment_s, gnn=gnn)
         path = pool.save(out / "pool.npz")
         console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} decisions, "
                       f"up to {pool.meta['max_candidates']} candidates -> {path}")
         return path
 
-    def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
+    def adapt(self, pool: list[Path], out: Path, llm: str, device: str, layers: int | None, rank: int,
               steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
               pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_every: int = 0,
               eval_jobs: int = 50, schedule: str = "constant", decode: str = "argmax") -> Path:
-        """DD-LRNA on a CJS pool (``--context 20`` is upstream's K)."""
-        from netllm.tasks.cjs.policy import AdaptRecipe, adapt, load_pool
+        """DD-LRNA on one or more CJS pools (``--pool A --pool B``; ``--context 20`` is
+        upstream's K)."""
+        from netllm.tasks.cjs.policy import AdaptRecipe, adapt, load_pools
 
-        if pool is None:
-            raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
         check_schedule(schedule)
         check_decode(decode)
-        data = load_pool(pool)
+        data = load_pools(pool)
         recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
                              batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
                              eval_every=int(eval_every), eval_jobs=int(eval_jobs), schedule=str(schedule),
@@ -215,7 +227,7 @@ class CJSTask(Task):
             recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
         elif steps is not None:
             recipe.steps = steps
-        prepare_run_dir(out, {"command": "adapt cjs", "pool": str(pool), **recipe.__dict__})
+        prepare_run_dir(out, {"command": "adapt cjs", "pool": [str(p) for p in pool], **recipe.__dict__})
         adapter = adapt(data, out, recipe, device=device, resume=resume)
         console.print(f"adapter: {adapter}")
         return adapter
@@ -223,7 +235,7 @@ class CJSTask(Task):
     def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
               policies: str = "fifo,fair,decima", steps: int | str = 3000, layers: int | str = 4,
               context: int | str = 20, pool_seeds: str = "101-148", pool_jobs: int | str = 200,
-              behaviour: str = "decima", keep: str = "all", draws: int | str = 1,
+              behaviour: str = "decima", keep: str = "all", draws: int | str = 1, segment: float | str = 0,
               schedule: str = "cosine", eval_every: int | str = 500, eval_jobs: int | str = 100,
               controls: str = "random", netllm: bool | str = True, decode: str = "sample",
               settings: str = "default,jobs400,executors30") -> dict[str, Any]:
@@ -241,14 +253,15 @@ class CJSTask(Task):
 
         seed_list = parse_seeds(seeds)
         steps, layers, context = int(steps), int(layers), int(context)
-        draws = pool_options(keep, draws)
+        draws, segment_s = pool_options(keep, draws, segment)
         check_schedule(schedule)
         check_decode(decode)
         use_netllm = str(netllm).lower() not in ("false", "0", "no")
         prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies, "llm": llm,
                               "steps": steps, "layers": layers, "context": context, "pool_seeds": pool_seeds,
                               "pool_jobs": pool_jobs, "behaviour": behaviour, "keep": keep, "draws": draws,
-                              "schedule": schedule, "eval_every": eval_every, "eval_jobs": eval_jobs,
+                              "segment_s": segment_s, "schedule": schedule, "eval_every": eval_every,
+                              "eval_jobs": eval_jobs,
                               "controls": controls, "decode": decode, "settings": settings})
         summary: dict[str, Any] = {"wall_s": {}}
         names = policies.split(",")
@@ -257,7 +270,7 @@ class CJSTask(Task):
             if not pool_path.is_file():
                 t0 = time.perf_counter()
                 collect_pool(behaviour.split(","), parse_seeds(pool_seeds), env_config(pool_jobs),
-                             keep=keep, draws=draws).save(pool_path)
+                             keep=keep, draws=draws, segment_s=segment_s).save(pool_path)
                 summary["wall_s"]["pool"] = time.perf_counter() - t0
             pool = load_pool(pool_path)
             summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}

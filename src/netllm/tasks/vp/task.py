@@ -327,11 +327,11 @@ class VPTask(Task):
                          title=f"VP on {dataset}/{split} ({len(samples)} windows, hw={spec.hw}, fw={spec.fw})")
         return results
 
-    def adapt(self, pool: Path | None, out: Path, llm: str, device: str, layers: int | None, rank: int,
+    def adapt(self, pool: list[Path], out: Path, llm: str, device: str, layers: int | None, rank: int,
               steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
               pretrained: bool, model: str = "netllm", dataset: str = "Jin2022", batch_size: int | str | None = None,
               lr: float | str | None = None, hw: int | str = 10, fw: int | str = 20, step: int | str = 15) -> Path:
-        if pool is not None:
+        if pool:
             raise NetLLMError("--pool: VP adaptation is supervised on the data set; it takes no experience pool")
         spec = _window_spec(hw, fw, step)
         train_samples = load_samples(dataset, "train", spec)
