@@ -162,6 +162,9 @@ def test_sampled_decoding_is_reproducible_and_differs_from_argmax(tiny_llama, po
     assert actions(cold, 4) == actions(argmax, 4)  # a temperature near 0 is the arg-max
     with pytest.raises(NetLLMError, match="--decode: argmax, sample or sample:T .*, got 'greedy'"):
         make_policy(str(folder), CONFIG, device="cpu", decode="greedy")
+    with pytest.raises(NetLLMError, match="--segment: choose among the baseline schedulers"):
+        collect_pool([str(folder)], [1], CONFIG, keep="best", draws=2, segment_s=5, gnn="random",
+                     templates=TEMPLATES, progress=False)  # its context cannot be forked
 
 
 def test_decode_temperature():

@@ -68,10 +68,14 @@ def test_cli_eval_writes_results_rows_and_cdf(real_data, tmp_path):
 def test_bench_checks_its_pool_and_schedule_options_before_writing(tmp_path):
     out = tmp_path / "bench"
     for kwargs, option in (({"keep": "top"}, "--keep"), ({"draws": "many"}, "--draws"), ({"draws": 0}, "--draws"),
-                           ({"schedule": "step"}, "--schedule"), ({"decode": "greedy"}, "--decode")):
+                           ({"schedule": "step"}, "--schedule"), ({"decode": "greedy"}, "--decode"),
+                           ({"segment": "long"}, "--segment"), ({"keep": "best", "segment": -5}, "--segment"),
+                           ({"segment": 600}, "--segment: .*needs --keep best")):
         with pytest.raises(NetLLMError, match=option):
             CJSTask().bench(out, **kwargs)
         assert not out.exists()
     with pytest.raises(NetLLMError, match="--draws"):
         CJSTask().collect(["decima"], [1], out, draws="0")
+    with pytest.raises(NetLLMError, match="--segment"):
+        CJSTask().collect(["decima"], [1], out, keep="best", draws=2, segment="nan")
     assert not out.exists()

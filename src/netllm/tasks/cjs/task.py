@@ -244,7 +244,8 @@ class CJSTask(Task):
         The defaults are the README's best recipe (runs/cjs-d48): one Decima episode on
         each of the job sequences 101-148, 3,000 cosine-decayed steps, validation every
         500 steps, decisions sampled from the heads (validation and evaluation);
-        ``--keep best --draws N`` builds a best-of pool instead.
+        ``--keep best --draws N [--segment S]`` builds a best-of pool (of episodes, or of
+        S-second segments) instead.
         Finished stages are reused when run again with the same --out."""
         from netllm.model import ADAPTER_CONFIG
         from netllm.tasks.cjs.policy import AdaptRecipe, adapt, collect_pool, load_pool, speed_report
