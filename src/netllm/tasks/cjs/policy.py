@@ -159,12 +159,18 @@ def exec_mask(caps: torch.Tensor, num_classes: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- pools
 
 
-def _reset(policy: Any, env: CJSEnv, seed: int, draw: int = 0) -> None:
+def _reset(policy: Any, env: CJSEnv, seed: int, draw: int = 0, segment: int | None = None) -> None:
     """Seed a policy's sampling for its ``draw``-th episode on job sequence ``seed``: draw 0
     shares the simulator's stream (upstream's episode, as ``run_episode``); draw k >= 1
-    gets a stream of its own, so the job sequence stays the same."""
+    gets a stream of its own, so the job sequence stays the same. ``segment``: the
+    ``draw``-th continuation of that segment of a best-of-segments episode, with a stream
+    of its own too."""
     if "rng" in inspect.signature(policy.reset).parameters:
-        policy.reset(seed, rng=env.rng if draw == 0 else random.Random(seed * 1_000_003 + draw))
+        if segment is not None:
+            rng = random.Random((seed * 1_000_003 + draw) * 100_003 + segment)
+        else:
+            rng = env.rng if draw == 0 else random.Random(seed * 1_000_003 + draw)
+        policy.reset(seed, rng=rng)
     else:
         policy.reset(seed)
 
@@ -235,10 +241,7 @@ def record_best_segments(env: CJSEnv, plays: Sequence[tuple[Any, int]], gnn: Dec
         t0, best = env.wall_time_ms, None
         for policy, draw in plays:
             twin, start = env.fork()
-            if "rng" in inspect.signature(policy.reset).parameters:
-                policy.reset(seed, rng=random.Random((seed * 1_000_003 + draw) * 100_003 + segment))
-            else:
-                policy.reset(seed)
+            _reset(policy, twin, seed, draw, segment)
             end, finished, played = _play(twin, start, policy, lambda o: o, until_ms=t0 + segment_ms)
             score = twin.job_time_ms(t0, t0 + segment_ms)
             if best is None or score < best[0]:
