@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from netllm.tasks.abr.task import AdaptRecipe, NetLLMABRPolicy, adapt, collect_pools, env_setting, evaluate
+from netllm.tasks.abr.task import ABRRecipe, NetLLMABRPolicy, adapt, collect_pools, env_setting, evaluate
 from netllm.tasks.abr.traces import load_traces, load_video
 from netllm.utils import atomic_write_json
 
@@ -43,7 +43,7 @@ def main() -> None:
     for i, name in enumerate(args.pools.split(",")):
         policies, keep, pool_videos = POOLS[name]
         pool = collect_pools(policies, train, [videos[v] for v in pool_videos], [1, 2], keep=keep)
-        recipe = AdaptRecipe(llm="scratch", layers=3, rank=0, context=10, steps=args.steps, lr=3e-4)
+        recipe = ABRRecipe(llm="scratch", layers=3, rank=0, context=10, steps=args.steps, lr=3e-4)
         t0 = time.perf_counter()
         folder = adapt(pool, args.out / f"pool{i}", recipe, device="cpu", resume=True, eval_traces=valid[:20],
                        eval_video=videos["video1"], progress=False)

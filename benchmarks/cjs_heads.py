@@ -18,7 +18,6 @@ scored on the same decisions; the bias is measured on each window's last decisio
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,9 @@ import torch
 
 from netllm.model import NetLLM
 from netllm.rl import decision_hidden
-from netllm.tasks.cjs.baselines import torch_threads
-from netllm.tasks.cjs.policy import CJSWindowSampler, cjs_loss, head_logits, load_pool
+from netllm.utils import torch_threads
+from netllm.tasks.cjs.policy import CJSWindowSampler, cjs_loss, head_logits
+from netllm.tasks.cjs.pool import load_pool
 from netllm.utils import atomic_write_json
 
 

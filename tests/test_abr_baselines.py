@@ -27,7 +27,7 @@ def play(policy, env: BatchABREnv, seed: int) -> tuple[np.ndarray, np.ndarray]:
         assert action.dtype == np.int64 and action.shape == (env.num_envs,)
         assert np.all((action >= 0) & (action <= 5))
         levels.append(action)
-        obs, reward, done, info = env.step(action)
+        obs, reward, done, _, info = env.step(action)
         rewards.append(reward)
     return np.stack(rewards, axis=1), np.stack(levels, axis=1)
 
@@ -128,7 +128,7 @@ def test_actor_forward_on_real_genet(genet_path: Path, real_data: Path) -> None:
     env = BatchABREnv(traces, load_video("video1", root=real_data))
     obs, info = env.reset(3)
     for _ in range(5):  # a few steps in, so every row of the observation is filled
-        obs, _, _, info = env.step(np.full(env.num_envs, 2))
+        obs, _, _, _, info = env.step(np.full(env.num_envs, 2))
     greedy = PensieveActor(genet_path, sample=False)
     assert greedy.name == "genet"
     probs = greedy.probabilities(obs)

@@ -107,7 +107,7 @@ def test_vectorised_walk_matches_loop_reference():
     # the reference gets the env's own random draws (start, noise): the walk is what is tested
     obs, info = env.reset(seed=11)
     refs = [LoopReference(tr, video, int(env._ptr_start[i]), env._noise[i]) for i, tr in enumerate(traces)]
-    got = [info] + [env.step(plan[k])[3] for k in range(1, video.num_chunks)]
+    got = [info] + [env.step(plan[k])[4] for k in range(1, video.num_chunks)]
     slept = 0
     for i, ref in enumerate(refs):
         for k in range(video.num_chunks):
@@ -141,7 +141,7 @@ def test_rebuffer_and_buffer_update_by_hand():
     env = fixed_env(const_trace(8.0, 500), Video("v", sizes))
     _, info0 = env.reset(seed=0)
     buffer_ms = 4000.0
-    _, reward, done, info = env.step(np.array([5]))
+    _, reward, done, _, info = env.step(np.array([5]))
     delay_ms = 6e6 / 0.95e6 * 1000 + 80
     assert info["delay_ms"][0] == pytest.approx(delay_ms)
     assert info["rebuffer_s"][0] == pytest.approx((delay_ms - buffer_ms) / 1000)
@@ -149,7 +149,7 @@ def test_rebuffer_and_buffer_update_by_hand():
     assert info["smoothness_mbps"][0] == pytest.approx(4.3 - 0.3)
     assert reward[0] == pytest.approx(4.3 - 4.3 * (delay_ms - buffer_ms) / 1000 - (4.3 - 0.3))
     assert not done[0]
-    _, reward, _, info = env.step(np.array([5]))  # 100 kB: no stall, buffer grows
+    _, reward, _, _, info = env.step(np.array([5]))  # 100 kB: no stall, buffer grows
     d = 1e5 / 0.95e6 * 1000 + 80
     assert info["rebuffer_s"][0] == 0.0
     assert info["buffer_s"][0] == pytest.approx((4000 - d + 4000) / 1000)
@@ -164,7 +164,7 @@ def test_buffer_threshold_sleep_advances_the_trace():
     _, info = env.reset(seed=0)
     sleeps, buffers, delays = [], [], []
     for _ in range(47):
-        _, _, _, info = env.step(np.array([0]))
+        _, _, _, _, info = env.step(np.array([0]))
         sleeps.append(info["sleep_ms"][0])
         buffers.append(info["buffer_s"][0])
         delays.append(info["delay_ms"][0])
@@ -193,7 +193,7 @@ def test_trace_wraps_back_to_index_1_and_time_0():
     seconds = 4.0 + (3e6 - 2 * 1.425e6) / 0.95e6  # two cycles, then part of interval 1
     assert info["delay_ms"][0] == pytest.approx(seconds * 1000 + 80)
     # the walk continues from there: 0.15e6 B of interval 1 are used, 0.8e6 B left in it
-    _, _, _, info = env.step(np.array([0]))
+    _, _, _, _, info = env.step(np.array([0]))
     rest = 3e6 - 0.8e6 - 0.475e6 - 1.425e6  # rest of interval 1, interval 2, one cycle
     seconds = (1 - 0.15e6 / 0.95e6) + 1 + 2 + rest / 0.95e6
     assert info["delay_ms"][0] == pytest.approx(seconds * 1000 + 80)
@@ -211,7 +211,7 @@ def test_observation_rows_and_history_roll():
     env = BatchABREnv([const_trace(3.0, 400)], video)
     obs0, info0 = env.reset(seed=5)
     assert np.all(obs0[0, :4, :-1] == 0) and np.all(obs0[0, 5, :-1] == 0)
-    obs, _, _, info = env.step(np.array([4]))
+    obs, _, _, _, info = env.step(np.array([4]))
     o = obs[0].astype(float)
     assert o[0, -1] == pytest.approx(2850 / 4300)
     assert o[1, -1] == pytest.approx(info["buffer_s"][0] / 10, rel=1e-6)
@@ -233,7 +233,7 @@ def test_reward_formula_and_episode_length():
     steps = 0
     while True:
         levels = rng.integers(0, 6, 3)
-        _, reward, done, info = env.step(levels)
+        _, reward, done, _, info = env.step(levels)
         steps += 1
         mbps = BITRATES_KBPS[levels] / 1000
         np.testing.assert_allclose(info["bitrate_mbps"], mbps)
@@ -252,7 +252,7 @@ def run_episode(env: BatchABREnv, seed: int) -> tuple[np.ndarray, np.ndarray]:
     obs, info = env.reset(seed)
     rewards, observations = [], [obs]
     while True:
-        obs, reward, done, info = env.step(bba(info["buffer_s"]))
+        obs, reward, done, _, info = env.step(bba(info["buffer_s"]))
         rewards.append(reward)
         observations.append(obs)
         if done.all():
@@ -314,7 +314,7 @@ def mean_qoe(env: BatchABREnv, policy, seeds=(1,)) -> float:
         _, info = env.reset(seed)
         rewards = []
         while True:
-            _, reward, done, info = env.step(policy(info))
+            _, reward, done, _, info = env.step(policy(info))
             rewards.append(reward)
             if done.all():
                 break

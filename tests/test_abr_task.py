@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from netllm.rl import ExperiencePool
-from netllm.tasks.abr.task import (STATE_TOKENS, AdaptRecipe, NetLLMABRPolicy, adapt, collect_pool, collect_pools,
-                                   evaluate, make_policy, obs_states)
+from netllm.tasks.abr.task import (STATE_TOKENS, ABRRecipe, NetLLMABRPolicy, adapt, collect_pool, collect_pools,
+                                   evaluate, obs_states, policy_by_name)
 from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
 from netllm.utils import NetLLMError
 
@@ -51,13 +51,13 @@ def test_pool_adapt_eval_end_to_end(tiny_llama, tmp_path):
     assert pool.num_episodes == 6 and pool.meta["task"] == "abr"
     assert set(pool.states) == set(STATE_TOKENS)
     steps = len(pool) // 6
-    bba = evaluate(make_policy("bba"), traces, video, [1])
+    bba = evaluate(policy_by_name("bba"), traces, video, [1])
     np.testing.assert_allclose(pool.episode_returns().sum() / len(pool), bba.mean, rtol=1e-5)  # float32 pool
     path = pool.save(tmp_path / "pool")
     loaded = ExperiencePool.load(path, task="abr")
     assert len(loaded) == 6 * steps
 
-    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=4, warmup_steps=1,
+    recipe = ABRRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=4, warmup_steps=1,
                          eval_every=2)
     adapter = adapt(loaded, tmp_path / "run", recipe, device="cpu", eval_traces=traces[:2], eval_video=video,
                     progress=False)
@@ -66,7 +66,7 @@ def test_pool_adapt_eval_end_to_end(tiny_llama, tmp_path):
     assert config["task"] == "abr" and config["extra"]["target_return"] > 0
     metrics = (tmp_path / "run" / "train" / "metrics.csv").read_text()
     assert "eval_qoe" in metrics
-    policy = make_policy(str(adapter), device="cpu")
+    policy = policy_by_name(str(adapter), device="cpu")
     assert isinstance(policy, NetLLMABRPolicy)
     result = evaluate(policy, traces, video, [1, 2])
     assert set(result.per_seed) == {1, 2} and np.isfinite(result.mean)
@@ -75,11 +75,11 @@ def test_pool_adapt_eval_end_to_end(tiny_llama, tmp_path):
     assert evaluate(policy, traces, video, [1, 2]).per_seed == pytest.approx(result.per_seed, abs=1e-9)
 
 
-def test_make_policy_errors(tmp_path):
-    with pytest.raises(NetLLMError, match="not an adapter folder"):
-        make_policy(str(tmp_path))
+def test_policy_by_name_errors(tmp_path):
+    with pytest.raises(NetLLMError, match="not an ABR adapter folder"):
+        policy_by_name(str(tmp_path))
     with pytest.raises(NetLLMError):
-        make_policy("no-such-baseline")
+        policy_by_name("no-such-baseline")
 
 
 def netllm(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -143,3 +143,48 @@ def test_pools_over_several_videos_concatenate_per_video_best_of():
     assert set(pool.meta["kept"]) == {"synthetic_0", "synthetic_1"}
     starts, ends = pool.episode_bounds
     assert list(ends - starts) == [47] * 4 + [19] * 4  # whole episodes per video (the reset chunk is not a decision)
+
+
+@pytest.mark.parametrize("command, args, needle", [
+    ("adapt", ["--batch-size", "x"], "--batch-size"),
+    ("adapt", ["--lr", "x"], "--lr"),
+    ("adapt", ["--lr", "0"], "--lr"),
+    ("adapt", ["--steps", "0"], "--steps"),
+    ("adapt", ["--layers", "0"], "--layers"),
+    ("adapt", ["--rank", "-1"], "--rank"),
+    ("adapt", ["--context", "0"], "--context"),
+    ("adapt", ["--target-quantile", "2"], "--target-quantile"),
+    ("adapt", ["--schedule", "cosin"], "--schedule"),
+    ("adapt", ["--eval-every", "-5"], "--eval-every"),
+    ("adapt", ["--valid-count", "0"], "--valid-count"),
+    ("adapt", ["--warmup-steps", "x"], "--warmup-steps"),
+    ("adapt", ["--weight-decay", "-1"], "--weight-decay"),
+    ("adapt", ["--epochs", "-1"], "--epochs"),
+    ("adapt", ["--seed", "x"], "--seed"),
+    ("adapt", ["--pool", "no/such/pool.npz"], "--pool"),
+    ("adapt", [], "--pool"),
+    ("adapt", ["--device", "cuda:7"], "--device"),
+    ("eval", ["--policy", "bba", "--setting", "sometimes"], "--setting"),
+    ("eval", ["--policy", "nosuch"], "--policy"),
+    ("eval", ["--policy", "bba", "--seeds", "3-1"], "--seeds"),
+    ("collect", ["--policy", "bba", "--keep", "top"], "--keep"),
+    ("collect", ["--policy", "mcp"], "--policy"),
+    ("bench", ["--baselines", "bba,mcp"], "--baselines"),
+    ("bench", ["--behaviour", "genet,xyz"], "--behaviour"),
+    ("bench", ["--controls", "random,scrach"], "--controls"),
+    ("bench", ["--videos", "video3"], "--videos"),
+    ("bench", ["--pool-seeds", "2-1"], "--seeds"),
+    ("bench", ["--steps", "x"], "--steps"),
+])
+def test_every_bad_option_is_one_line_before_any_work(tmp_path, command, args, needle):
+    out = tmp_path / "run"
+    pool = []
+    if command == "adapt" and "--pool" not in args and args:
+        ok = collect_pool(["bba"], synthetic_traces(2, seed=3), synthetic_video(seed=0), seeds=[1])
+        pool = ["--pool", str(ok.save(tmp_path / "pool"))]
+    r = netllm(command, "abr", *args, *pool, "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert len(err) == 1 and needle in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()

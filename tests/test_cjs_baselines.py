@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from netllm.tasks.cjs.baselines import (SCHEDULERS, DecimaNet, DecimaScheduler, FairScheduler,
-                                        FIFOScheduler, Scheduler, build_decima, find_stage,
-                                        load_decima_state_dict, make_scheduler, run_episode)
+from netllm.tasks.cjs.baselines import (SCHEDULERS, DecimaScheduler, FairScheduler, FIFOScheduler, Scheduler,
+                                        find_stage, make_scheduler, run_episode)
+from netllm.tasks.cjs.decima import DecimaNet, build_decima, load_decima_state_dict
 from netllm.tasks.cjs.jobs import synthetic_templates
 from netllm.tasks.cjs.sim import CJSAction, CJSEnv, CJSObservation
 from netllm.utils import NetLLMError

@@ -12,11 +12,12 @@ import torch
 
 from netllm.model import NetLLM
 from netllm.rl import ExperiencePool, IncrementalPolicy, decision_hidden
-from netllm.tasks.cjs.baselines import torch_threads
+from netllm.utils import torch_threads
 from netllm.tasks.cjs.jobs import synthetic_templates
-from netllm.tasks.cjs.policy import (CANDIDATE_DIM, GLOBAL_DIM, POOLED_DIM, AdaptRecipe, CJSWindowSampler,
-                                     NetLLMCJSPolicy, adapt, cjs_loss, collect_pool, decode_temperature, load_gnn,
-                                     load_pool, load_pools, model_config, run_netllm_episode)
+from netllm.tasks.cjs.features import CANDIDATE_DIM, GLOBAL_DIM, POOLED_DIM, load_gnn
+from netllm.tasks.cjs.policy import (CJSRecipe, CJSWindowSampler, NetLLMCJSPolicy, adapt, cjs_loss,
+                                     decode_temperature, model_config, run_netllm_episode)
+from netllm.tasks.cjs.pool import collect_pool, load_pool, load_pools
 from netllm.tasks.cjs.sim import CJSConfig, CJSEnv
 from netllm.utils import NetLLMError
 
@@ -104,7 +105,7 @@ def test_cli_adapt_takes_several_pools(tiny_llama, pool, tmp_path):
     out = tmp_path / "adapter"
     done = subprocess.run([sys.executable, "-m", "netllm.cli", "adapt", "cjs", "--pool", str(a), "--pool", str(b),
                            "--out", str(out), "--llm", tiny_llama, "--layers", "1", "--rank", "2", "--context", "4",
-                           "--steps", "2", "--batch-size", "2", "--device", "cpu"],
+                           "--steps", "2", "--batch-size", "2", "--eval-every", "0", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     trained_on = json.loads((out / "adapter_config.json").read_text())["extra"]["pool"]
@@ -133,7 +134,8 @@ def test_training_steps_lower_the_loss(model, pool):
 
 
 def test_adapt_save_load_gives_identical_actions(tiny_llama, pool, tmp_path):
-    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=3, warmup_steps=1)
+    recipe = CJSRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=3, warmup_steps=1,
+                       eval_every=0, decode="argmax")
     folder = adapt(pool, tmp_path / "adapter", recipe, device="cpu", progress=False)
     gnn = load_gnn("random")
     loaded = NetLLMCJSPolicy.from_adapter(folder, device="cpu", gnn=gnn)
@@ -146,10 +148,14 @@ def test_adapt_save_load_gives_identical_actions(tiny_llama, pool, tmp_path):
 
 
 def test_sampled_decoding_is_reproducible_and_differs_from_argmax(tiny_llama, pool, tmp_path):
-    from netllm.tasks.cjs.task import make_policy
+    from netllm.tasks.cjs.task import CJSEvalOptions, policy_by_name
 
-    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=3, warmup_steps=1,
-                         decode="sample")
+    def make_policy(name, config, device="cpu", decode=None):
+        return policy_by_name(name, CJSEvalOptions(jobs=config.num_jobs, executors=config.num_executors,
+                                                   arrival_rate=config.arrival_rate, decode=decode), device)
+
+    recipe = CJSRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=3, warmup_steps=1,
+                       eval_every=0, decode="sample")
     folder = adapt(pool, tmp_path / "adapter", recipe, device="cpu", progress=False)
     sampled = make_policy(str(folder), CONFIG, device="cpu")  # the recipe's decoding
     argmax = make_policy(str(folder), CONFIG, device="cpu", decode="argmax")
@@ -164,7 +170,7 @@ def test_sampled_decoding_is_reproducible_and_differs_from_argmax(tiny_llama, po
         make_policy(str(folder), CONFIG, device="cpu", decode="greedy")
     with pytest.raises(NetLLMError, match="--segment: choose among the baseline schedulers"):
         collect_pool([str(folder)], [1], CONFIG, keep="best", draws=2, segment_s=5, gnn="random",
-                     templates=TEMPLATES, progress=False)  # its context cannot be forked
+                     templates=TEMPLATES, progress=False, make=make_policy)  # its context cannot be forked
 
 
 def test_decode_temperature():
@@ -262,7 +268,7 @@ def test_best_segments_choose_the_best_continuation(real_data, monkeypatch):
     """--segment S: every S simulated seconds each draw plays on from a fork of the same
     state; the continuation whose jobs spent the least time in the system goes on."""
     from netllm.tasks.cjs.baselines import make_scheduler
-    from netllm.tasks.cjs.policy import record_best_segments, record_episode
+    from netllm.tasks.cjs.pool import record_best_segments, record_episode
 
     monkeypatch.setenv("NETLLM_DATA", str(real_data))
     config = CJSConfig(num_executors=10, num_jobs=30, arrival_rate=4e-4)

@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from netllm.tasks import get_task
-from netllm.tasks.cjs.task import CJSTask, env_config, make_policy
+from netllm.registry import get_task
+from netllm.tasks.cjs.task import (CJSAdaptOptions, CJSBenchOptions, CJSCollectOptions, CJSEvalOptions,
+                                   policy_by_name)
 from netllm.utils import NetLLMError
 
 
@@ -29,20 +30,26 @@ def test_task_is_registered_with_its_heads():
 
 def test_bad_options_name_themselves(tmp_path):
     with pytest.raises(NetLLMError, match="--jobs"):
-        env_config(jobs="many")
+        CJSEvalOptions.build(jobs="many")
     with pytest.raises(NetLLMError, match="--executors"):
-        env_config(executors=0)
-    with pytest.raises(NetLLMError, match="--policy: .*unknown CJS scheduler 'lifo'"):
-        make_policy("lifo", env_config())
-    out = tmp_path / "never-written"
+        CJSEvalOptions.build(executors=0)
+    with pytest.raises(NetLLMError, match="--arrival-rate"):
+        CJSEvalOptions.build(arrival_rate=0)
     with pytest.raises(NetLLMError, match="--decode"):
-        CJSTask().eval_cli(["fifo"], [1], out, decode="greedy")
-    assert not out.exists()
+        CJSEvalOptions.build(decode="greedy")
+    with pytest.raises(NetLLMError, match="--policy lifo: not a baseline of cjs"):
+        policy_by_name("lifo")
     with pytest.raises(NetLLMError, match="--schedule"):
-        CJSTask().adapt(pool=[tmp_path / "pool.npz"], out=out, llm="smollm2", device="cpu", layers=2, rank=4,
-                        steps=1, epochs=None, context=4, seeds=[0], resume=False, pretrained=True,
-                        schedule="step")
-    assert not out.exists()
+        CJSAdaptOptions.build(pool=[str(tmp_path)], schedule="step")
+    with pytest.raises(NetLLMError, match="--pool"):
+        CJSAdaptOptions.build(pool=[str(tmp_path / "no-pool.npz")])
+
+
+def test_recipe_is_the_readme_recipe():
+    """Plain `netllm adapt cjs` trains the README's recipe (context 20, not 10)."""
+    r = CJSAdaptOptions(pool=["x"])
+    assert (r.layers, r.context, r.steps, r.schedule, r.eval_every, r.eval_jobs, r.decode) == \
+        (4, 20, 3000, "cosine", 500, 100, "sample")
 
 
 @pytest.mark.integration
@@ -66,16 +73,18 @@ def test_cli_eval_writes_results_rows_and_cdf(real_data, tmp_path):
 
 
 def test_bench_checks_its_pool_and_schedule_options_before_writing(tmp_path):
-    out = tmp_path / "bench"
     for kwargs, option in (({"keep": "top"}, "--keep"), ({"draws": "many"}, "--draws"), ({"draws": 0}, "--draws"),
                            ({"schedule": "step"}, "--schedule"), ({"decode": "greedy"}, "--decode"),
                            ({"segment": "long"}, "--segment"), ({"keep": "best", "segment": -5}, "--segment"),
-                           ({"segment": 600}, "--segment: .*needs --keep best")):
+                           ({"segment": 600}, "--segment: .*needs --keep best"),
+                           ({"settings": "default,jobs4OO"}, "--settings: unknown 'jobs4OO'"),
+                           ({"policies": "fifo,lifo"}, "--policies"), ({"steps": "x"}, "--steps")):
         with pytest.raises(NetLLMError, match=option):
-            CJSTask().bench(out, **kwargs)
-        assert not out.exists()
-    with pytest.raises(NetLLMError, match="--draws"):
-        CJSTask().collect(["decima"], [1], out, draws="0")
-    with pytest.raises(NetLLMError, match="--segment"):
-        CJSTask().collect(["decima"], [1], out, keep="best", draws=2, segment="nan")
+            CJSBenchOptions.build(**kwargs)
+    for kwargs, option in (({"draws": "0"}, "--draws"), ({"keep": "best", "draws": 2, "segment": "nan"}, "--segment")):
+        with pytest.raises(NetLLMError, match=option):
+            CJSCollectOptions.build(**kwargs)
+    out = tmp_path / "bench"
+    bad = _cli("bench", "cjs", "--settings", "default,jobs4OO", "--out", str(out))
+    assert bad.returncode == 2 and "--settings" in bad.stderr and "Traceback" not in bad.stderr
     assert not out.exists()

@@ -41,7 +41,7 @@ def test_seeds_lists_and_ranges():
     (["doctor", "--llm", "/no/such/model.gguf"], "GGUF file not found: /no/such/model.gguf"),
     (["doctor", "--device", "cuda:7"], "--device"),
     (["data", "fetch", "nonsense"], "nonsense"),
-    (["eval", "nosuchtask", "--policy", "x", "--seeds", "3-1"], "--seeds"),
+    (["eval", "abr", "--policy", "bba", "--seeds", "3-1"], "--seeds"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, needle):
     r = netllm(*args)
@@ -70,3 +70,73 @@ def test_doctor_proves_pretrained_weights(tiny_llama, real_data):
     assert "Paris" in r.stdout
     assert "layers: 30" in r.stdout and "torch" in r.stdout
     assert "ok" in r.stdout  # data sets found
+
+
+def _task_commands():
+    """(command group, task, options class, the built click command) of every installed task."""
+    import typer
+
+    from netllm.cli import build_app
+    from netllm.registry import tasks
+
+    root = typer.main.get_command(build_app())
+    for task in tasks().values():
+        for group, cls in (("adapt", task.AdaptOptions), ("eval", task.EvalOptions),
+                           ("collect", task.CollectOptions), ("bench", task.BenchOptions)):
+            if cls is not None:
+                yield group, task, cls, root.commands[group].commands[task.name]
+
+
+def test_cli_options_are_the_typed_options_with_their_defaults():
+    """One place for each default: every field of a task's options dataclass is a CLI
+    option with the dataclass default (no drift between `adapt`, `bench` and the recipe)."""
+    import dataclasses
+
+    from netllm.options import option_name
+
+    seen = 0
+    for group, task, cls, command in _task_commands():
+        params = {p.name: p for p in command.params}
+        for f in dataclasses.fields(cls):
+            assert f.name in params, (group, task.name, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            got = params[f.name].default
+            assert (got or []) == default if isinstance(default, list) else got == default, \
+                (group, task.name, f.name, got, default)
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+            assert option_name(f.name) in params[f.name].opts or f.metadata.get("flag")
+            seen += 1
+    assert seen > 30
+
+
+def test_recipe_defaults_are_shared_by_adapt_and_bench():
+    import dataclasses
+
+    from netllm.registry import tasks
+
+    for task in tasks().values():
+        recipe = task.Recipe()
+        for cls in (task.AdaptOptions, task.BenchOptions):
+            if cls is None or not issubclass(cls, task.Recipe):
+                continue
+            built = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                     for f in dataclasses.fields(cls)}
+            for f in dataclasses.fields(task.Recipe):
+                assert built[f.name] == getattr(recipe, f.name), (task.name, cls.__name__, f.name)
+
+
+def test_adapt_help_lists_every_option_with_its_default():
+    r = netllm("adapt", "abr", "--help", env={"COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    for name in ("--layers", "--rank", "--context", "--steps", "--lr", "--batch-size", "--pool", "--random-init"):
+        assert name in r.stdout
+    assert "[default: 4]" in r.stdout and "[default: 0.0003]" in r.stdout
+
+
+def test_written_json_is_strict(tmp_path):
+    from netllm.utils import atomic_write_json
+
+    atomic_write_json(tmp_path / "ok.json", {"a": 1.5})
+    with pytest.raises((NetLLMError, ValueError)):
+        atomic_write_json(tmp_path / "bad.json", {"a": float("inf")})
+    assert not (tmp_path / "bad.json").exists()

@@ -1,4 +1,8 @@
-"""The data registry: manifest, data_root, status, fetch (against 127.0.0.1) and pickles."""
+"""The data registry: manifest, data_root, status, fetch (against 127.0.0.1) and pickles.
+
+The data sets come from the installed tasks (``netllm.registry.tasks``); these tests install
+stand-ins that declare the built-in tasks' real data sets and manifests (without ABR's
+checkpoint converter) and, where needed, a plug-in task of their own."""
 
 from __future__ import annotations
 
@@ -16,8 +20,14 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 
-from netllm import data
+from netllm import data, registry
+from netllm.data import DataGroup
+from netllm.tasks.abr import datasets as abr_datasets
+from netllm.tasks.cjs import datasets as cjs_datasets
+from netllm.tasks.vp import datasets as vp_datasets
 from netllm.utils import NetLLMError
+
+REAL_TASKS = registry.tasks  # before any test patches it
 
 
 def sha(blob: bytes) -> str:
@@ -38,11 +48,40 @@ CORRUPT = "cjs/tpch/2g/adj_mat_1.npy"
 DERIVED = "abr/pretrained/genet_actor.npz"  # not published upstream
 
 
+class FakeTask:
+    """What netllm.data asks of a task: its data set groups, manifest and post-fetch step."""
+
+    def __init__(self, name: str, groups: tuple[DataGroup, ...] = (), manifest: str = "") -> None:
+        self.name, self._groups, self._manifest = name, groups, manifest
+        self.fetched: list[Path] = []
+
+    def datasets(self) -> tuple[DataGroup, ...]:
+        return self._groups
+
+    def manifest(self) -> str:
+        return self._manifest
+
+    def post_fetch(self, root: Path) -> None:
+        self.fetched.append(root)
+
+
+def manifest_text(hashes: dict[str, str]) -> str:
+    return "".join(f"{h}  {p}\n" for p, h in hashes.items())
+
+
 @pytest.fixture(autouse=True)
-def _no_task_post_fetch(monkeypatch):
-    """Tasks imported by other tests register post-fetch steps (ABR's checkpoint
-    converter); these tests serve a handful of fake files, so start from none."""
-    monkeypatch.setattr(data, "POST_FETCH", {})
+def installed(monkeypatch) -> dict[str, FakeTask]:
+    """The installed tasks, by name: the built-in ones' data sets without their post-fetch
+    steps (ABR's converter would run on the handful of fake files served here). A test
+    may add tasks to the returned dict (then clear ``data.default_manifest``'s cache)."""
+    found = {
+        m.__name__.split(".")[-2]: FakeTask(m.__name__.split(".")[-2], m.GROUPS, m.manifest())
+        for m in (abr_datasets, cjs_datasets, vp_datasets)
+    }
+    monkeypatch.setattr(registry, "tasks", lambda: found)
+    data.default_manifest.cache_clear()
+    yield found
+    data.default_manifest.cache_clear()
 
 
 @pytest.fixture
@@ -91,7 +130,7 @@ def by_group(rows: list[dict]) -> dict[str, dict]:
 def test_shipped_manifest_covers_every_group_with_upstream_paths():
     m = data.default_manifest()
     assert len(m) == 3678
-    counts = {r: 0 for r in (g.name for g in data.GROUPS)}
+    counts = {r: 0 for r in (g.name for g in data.groups())}
     for entry in m.values():
         counts[entry.group.name] += 1
         assert len(entry.sha256) == 64 and not entry.path.startswith("./")
@@ -110,6 +149,17 @@ def test_shipped_manifest_covers_every_group_with_upstream_paths():
     assert m["abr/pretrained/udr_1_actor.npz"].upstream is None
 
 
+def test_builtin_tasks_declare_their_data_sets_and_manifests():
+    """The registry's real tasks hand out their datasets modules' groups and manifests."""
+    real = REAL_TASKS()
+    for name, module in (("abr", abr_datasets), ("cjs", cjs_datasets), ("vp", vp_datasets)):
+        task = real[name]
+        assert task.datasets() == module.GROUPS and {g.task for g in module.GROUPS} == {name}
+        paths = data.read_sha256_file(task.manifest(), f"{name}.sha256")
+        assert paths and all(p.startswith(name + "/") for p in paths)
+    assert len(data.read_sha256_file(real["vp"].manifest(), "vp")) == 2700
+
+
 def test_upstream_checkpoint_manifest_agrees_with_data_manifest():
     text = resources.files("netllm").joinpath("manifests/upstream_checkpoints.sha256").read_text()
     upstream = data.read_sha256_file(text, "upstream_checkpoints.sha256")
@@ -123,6 +173,17 @@ def test_manifest_rejects_paths_outside_the_registry_and_bad_lines():
         data.build_manifest({"nowhere/file": "0" * 64})
     with pytest.raises(NetLLMError, match="m.sha256:2"):
         data.read_sha256_file(f"{'a' * 64}  abr/videos/x\nnot a line\n", "m.sha256")
+
+
+def test_a_task_manifest_path_outside_its_own_groups_is_an_error_naming_it(installed):
+    group = DataGroup("bw/traces", "bw/traces", "bwpred/traces")
+    installed["bw"] = FakeTask("bw", (group,), manifest_text({"abr/videos/x": "0" * 64}))
+    data.default_manifest.cache_clear()
+    with pytest.raises(NetLLMError, match=r"task 'bw' manifest: path 'abr/videos/x' .* of task 'bw'"):
+        data.default_manifest()
+    installed["bw"] = FakeTask("bw", (DataGroup("bw/x", "abr/videos", "elsewhere"),))
+    with pytest.raises(NetLLMError, match=r"task 'bw'.* is not under 'bw/'"):
+        data.groups()
 
 
 # --------------------------------------------------------------------------- locating
@@ -147,8 +208,23 @@ def test_dataset_path_explains_how_to_get_missing_data(tmp_path):
     assert "netllm data fetch abr" in message and "NETLLM_DATA" in message
     (tmp_path / "abr/videos").mkdir(parents=True)
     assert data.dataset_path("abr", "videos", root=tmp_path) == tmp_path / "abr/videos"
-    with pytest.raises(NetLLMError, match="task"):
+    with pytest.raises(NetLLMError, match="installed tasks: abr, cjs, vp"):
         data.dataset_path("nope", root=tmp_path)
+
+
+def test_unknown_task_is_one_line_listing_the_installed_tasks(tmp_path, installed):
+    installed["bw"] = FakeTask("bw")
+    for call in (
+        lambda: data.fetch("video", root=tmp_path, progress=False),
+        lambda: data.dataset_path("video", root=tmp_path),
+    ):
+        with pytest.raises(NetLLMError) as err:
+            call()
+        message = str(err.value)
+        assert "'video'" in message and "installed tasks: abr, bw, cjs, vp" in message
+        assert "\n" not in message
+    assert "or all" in str(pytest.raises(NetLLMError, data.fetch, "video", root=tmp_path).value)
+    assert not any(tmp_path.iterdir())  # nothing fetched, nothing written
 
 
 # --------------------------------------------------------------------------- fetch
@@ -188,13 +264,12 @@ def test_fetch_rejects_corrupt_download_and_keeps_good_files(tmp_path, server, m
 
 
 def test_fetch_one_task_replaces_corrupt_local_file_and_runs_post_fetch(
-    tmp_path, server, manifest, monkeypatch
+    tmp_path, server, manifest, installed
 ):
     root = tmp_path / "root"
-    calls: list[Path] = []
-    monkeypatch.setitem(data.POST_FETCH, "vp", calls.append)
     summary = data.fetch("vp", root=root, base_url=server.url, progress=False, manifest=manifest)
-    assert summary.downloaded == 2 and summary.post_fetch == ["vp"] and calls == [root]
+    assert summary.downloaded == 2 and summary.post_fetch == ["vp"]
+    assert installed["vp"].fetched == [root] and installed["abr"].fetched == []
     assert {p.split("/")[0] for p in files_under(root)} == {"vp"}
 
     victim = root / "vp/viewports/Wu2017/video1/5Hz/simple_5Hz_user1.csv"
@@ -216,7 +291,7 @@ def test_fetch_network_errors_name_the_url(tmp_path, server, manifest, monkeypat
     with pytest.raises(NetLLMError, match=f"download failed: {dead}/cluster_job_scheduling"):
         data.fetch("cjs", root=tmp_path, base_url=dead, progress=False, manifest=manifest)
     assert files_under(tmp_path) == {"upstream/" + manifest[p].upstream for p in FILES}
-    with pytest.raises(NetLLMError, match="task"):
+    with pytest.raises(NetLLMError, match="unknown task 'video'; installed tasks: abr, cjs, vp"):
         data.fetch("video", root=tmp_path, progress=False, manifest=manifest)
 
 
@@ -232,9 +307,9 @@ def test_status_reports_ok_missing_partial_corrupt(tmp_path, manifest):
     (root / "cjs/tpch/2g/adj_mat_1.npy").write_bytes(b"tampered!")
 
     rows = by_group(data.status(root, verify=True, manifest=manifest))
-    assert list(rows) == [
+    assert list(rows) == [  # task by task, as installed (the registry sorts by name)
         "abr/traces/test", "abr/videos", "abr/pretrained",
-        "vp/viewports/Jin2022", "vp/viewports/Wu2017", "cjs/tpch", "cjs/pretrained",
+        "cjs/tpch", "cjs/pretrained", "vp/viewports/Jin2022", "vp/viewports/Wu2017",
     ]
     state = {g: r["state"] for g, r in rows.items()}
     assert state == {
@@ -253,9 +328,70 @@ def test_status_reports_ok_missing_partial_corrupt(tmp_path, manifest):
 
 def test_status_of_empty_root_lists_every_group_missing(tmp_path):
     rows = data.status(tmp_path)
-    assert [r["group"] for r in rows] == [g.name for g in data.GROUPS]
+    assert [r["group"] for r in rows] == [g.name for g in data.groups()]
+    assert [r["group"] for r in rows][:1] + [r["group"] for r in rows][-1:] == [
+        "abr/traces/train", "vp/viewports/Wu2017"
+    ]
     assert all(r["state"] == "missing" and r["present"] == 0 for r in rows)
     assert by_group(rows)["vp/viewports/Wu2017"]["detail"] == "run 'netllm data fetch vp'"
+
+
+# --------------------------------------------------------------------------- plug-in tasks
+
+BW_FILES: dict[str, bytes] = {  # a fourth task's data set, published at bwpred/data/...
+    "bw/traces/train/a.csv": b"0,1.5\n1,2.0\n",
+    "bw/traces/test/b c.csv": b"0,0.5\n",
+}
+BW_DERIVED = "bw/model.npz"
+
+
+def test_a_plugin_task_brings_its_own_data_sets(tmp_path, server, installed):
+    bw = FakeTask(
+        "bw",
+        (
+            DataGroup("bw/traces", "bw/traces", "bwpred/data/traces"),
+            DataGroup("bw/model", BW_DERIVED, None, "trained by 'netllm adapt bw'"),
+        ),
+        manifest_text({**{p: sha(b) for p, b in BW_FILES.items()}, BW_DERIVED: "1" * 64}),
+    )
+    installed["bw"] = bw
+    installed["empty"] = FakeTask("empty")  # a task without data sets is fine
+    data.default_manifest.cache_clear()
+    for path, blob in BW_FILES.items():
+        dest = server.dir / "bwpred/data" / path.removeprefix("bw/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(blob)
+
+    m = data.default_manifest()  # every task's manifest together
+    assert len(m) == 3678 + 3
+    assert m["bw/traces/test/b c.csv"].upstream == "bwpred/data/traces/test/b c.csv"
+    assert m[BW_DERIVED].group.task == "bw" and m[BW_DERIVED].upstream is None
+    assert data.group_of("bw/traces/train/a.csv").name == "bw/traces"
+
+    root = tmp_path / "root"
+    rows = by_group(data.status(root))
+    assert rows["bw/traces"] == {
+        "task": "bw", "group": "bw/traces", "expected": 2, "present": 0, "verified": None,
+        "state": "missing", "detail": "run 'netllm data fetch bw'",
+    }
+    assert rows["bw/model"]["detail"] == "trained by 'netllm adapt bw'"
+    assert not any(r["task"] == "empty" for r in rows.values())
+
+    summary = data.fetch("bw", root=root, base_url=server.url, progress=False)
+    assert (summary.downloaded, summary.skipped) == (2, 0)
+    assert summary.post_fetch == ["bw"] and bw.fetched == [root]
+    assert summary.missing_derived == [BW_DERIVED]
+    assert files_under(root) == set(BW_FILES)
+    assert all(r.startswith("/bwpred/data/traces/") for r in server.requests)
+
+    rows = by_group(data.status(root, verify=True))
+    assert rows["bw/traces"]["state"] == "ok" and rows["bw/traces"]["verified"] == 2
+    assert rows["abr/videos"]["state"] == "missing"
+    assert data.dataset_path("bw", "traces", "test", root=root) == root / "bw/traces/test"
+
+    empty = data.fetch("empty", root=root, base_url=server.url, progress=False)
+    assert (empty.downloaded, empty.skipped, empty.post_fetch) == (0, 0, ["empty"])
+    assert installed["empty"].fetched == [root]
 
 
 # --------------------------------------------------------------------------- pickles
@@ -320,7 +456,7 @@ def test_real_tpch_task_durations_load_after_hash_check():
 def test_real_data_status_all_ok():
     root = real_root()
     rows = data.status(root)
-    assert [r["group"] for r in rows] == [g.name for g in data.GROUPS]
+    assert [r["group"] for r in rows] == [g.name for g in data.groups()]
     assert all(r["state"] == "ok" for r in rows), [r for r in rows if r["state"] != "ok"]
     verified = data.status(root, verify=True)
     assert all(r["verified"] == r["expected"] for r in verified)

@@ -13,7 +13,8 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.model import NetLLM, NetLLMConfig
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
-from netllm.train import TrainConfig, train, trainable_state_dict
+from netllm.checkpoint import trainable_state_dict
+from netllm.train import TrainConfig, train
 
 pytestmark = pytest.mark.integration
 

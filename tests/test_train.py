@@ -11,15 +11,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-import netllm.train as train_mod
-from netllm.train import (
-    TrainConfig,
-    completed_steps,
-    load_trainable_state_dict,
-    lr_at,
-    train,
-    trainable_state_dict,
-)
+import netllm.checkpoint as checkpoint_mod
+from netllm.checkpoint import completed_steps, load_trainable_state_dict, trainable_state_dict
+from netllm.train import TrainConfig, lr_at, train
 from netllm.utils import NetLLMError
 
 IN_FEATURES, HIDDEN, BATCH = 4, 16, 32
@@ -217,7 +211,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
     left = sorted(p.name for p in (tmp_path / "ok").iterdir())
     assert left == ["checkpoint", "metrics.csv", "tb"]
 
-    real_save = train_mod.save_file
+    real_save = checkpoint_mod.save_file
     calls = {"n": 0}
 
     def failing_save(tensors, filename, metadata=None):
@@ -226,7 +220,7 @@ def test_checkpoint_is_atomic(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(train_mod, "save_file", failing_save)
+    monkeypatch.setattr(checkpoint_mod, "save_file", failing_save)
     out = tmp_path / "fail"
     with pytest.raises(OSError, match="disk full"):
         train(Toy(head_seed=3), get_batch, mse, config(steps=8, checkpoint_every=2), out)

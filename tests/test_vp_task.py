@@ -1,23 +1,26 @@
 """NetLLM for VP end to end on a tiny random Llama and generated head motion: one-pass
-prediction, training, the adapter round trip, the image token, the LSTM, and the CLI."""
+prediction, training, the adapter round trip, the image token, the LSTM, the typed
+options (one recipe, one-line errors before any work) and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from netllm.model import NetLLM
+from netllm.recipe import load_policy
 from netllm.tasks.vp.baselines import LSTMPredictor, LSTMRecipe, NoMotion, train_lstm
-from netllm.tasks.vp.dataset import WindowSpec, angular_error, make_windows, synthetic_traces
-from netllm.tasks.vp.task import (AdaptRecipe, NetLLMVPPolicy, adapt, build_model, embed_steps, evaluate,
-                                  model_config, predict_autoregressive, predict_offsets, step_features)
+from netllm.tasks.vp.dataset import angular_error, make_windows, synthetic_traces
+from netllm.tasks.vp.task import (TASK, NetLLMVPPolicy, VPAdaptOptions, VPBenchOptions, VPEvalOptions, VPRecipe,
+                                  adapt, build_model, embed_steps, evaluate, model_config, predict_autoregressive,
+                                  predict_offsets, step_features)
 from netllm.utils import NetLLMError
 
 
@@ -48,7 +51,7 @@ def test_one_pass_matches_the_head_shape_and_the_batch(tiny_llama, samples):
 
 
 def test_adapt_lowers_the_error_and_the_adapter_round_trips(tiny_llama, samples, tmp_path):
-    recipe = AdaptRecipe(llm=tiny_llama, layers=2, rank=4, epochs=3, batch_size=16, lr=3e-3, eval_every=5,
+    recipe = VPRecipe(llm=tiny_llama, layers=2, rank=4, epochs=3, batch_size=16, lr=3e-3, eval_every=5,
                          warmup_steps=2)
     valid = samples.subset(slice(0, 40))
     folder = adapt(samples, tmp_path / "vp", recipe, valid=valid, device="cpu", progress=False)
@@ -101,18 +104,152 @@ def test_lstm_trains_and_reloads(samples, tmp_path):
     assert np.isfinite(err).all()
 
 
+# ----------------------------------------------------------------------------- the recipe and the options
+
+
+def test_one_recipe_holds_every_default():
+    r = VPRecipe()
+    assert (r.llm, r.layers, r.rank, r.batch_size, r.epochs, r.steps, r.lr, r.warmup_steps, r.weight_decay,
+            r.schedule, r.eval_every, r.pretrained, r.seed) == (
+        "smollm2", 6, 32, 32, 2.0, None, 2e-4, 50, 0.01, "cosine", 100, True, 0)
+    assert (r.dataset, r.hw, r.fw, r.step) == ("Jin2022", 10, 20, 15)
+    assert r.total_steps(8820) == 552  # ceil(2 epochs * 8,820 windows / 32)
+    assert dataclasses.replace(r, steps=7).total_steps(8820) == 7  # --steps replaces --epochs
+    config = TASK.model_config(r)
+    assert config.layers == 6 and config.lora.rank == 32 and config.lora.alpha == 64
+    assert config.norm["hw"] == 10 and config.norm["fw"] == 20
+    assert TASK.model_config(VPRecipe(fw=7)).heads["future"].steps == 7
+    # adapt and bench share the recipe's defaults; eval's window defaults are the recipe's
+    for cls in (VPAdaptOptions, VPBenchOptions):
+        assert {f.name: getattr(cls(), f.name) for f in dataclasses.fields(VPRecipe)} == dataclasses.asdict(r)
+    e = VPEvalOptions()
+    assert (e.dataset, e.split, e.hw, e.fw, e.step) == ("Jin2022", "test", 10, 20, 15)
+    lstm = VPAdaptOptions.build(model="lstm", hw=8, fw=5, seed=3, lstm_epochs=4).lstm_recipe()
+    assert lstm == LSTMRecipe(epochs=4, hw=8, fw=5, seed=3)
+
+
+@pytest.mark.parametrize("cls, values, needle", [
+    (VPRecipe, {"hw": 0}, "--hw"),
+    (VPRecipe, {"fw": "x"}, "--fw"),
+    (VPRecipe, {"step": -1}, "--step"),
+    (VPRecipe, {"dataset": "X"}, "--dataset"),
+    (VPRecipe, {"epochs": 0}, "--epochs"),
+    (VPRecipe, {"steps": 0}, "--steps"),
+    (VPRecipe, {"lr": 0}, "--lr"),
+    (VPRecipe, {"schedule": "step"}, "--schedule"),
+    (VPAdaptOptions, {"model": "cnn"}, "--model"),
+    (VPAdaptOptions, {"model": "lstm", "rank": 8}, "--rank"),  # a NetLLM option is not silently ignored
+    (VPAdaptOptions, {"model": "lstm", "epochs": 5.0}, "--epochs"),
+    (VPAdaptOptions, {"lstm_epochs": 5}, "--lstm-epochs"),  # an LSTM option without --model lstm
+    (VPAdaptOptions, {"model": "lstm", "lstm_lr": 0}, "--lstm-lr"),
+    (VPEvalOptions, {"split": "nope"}, "--split"),
+    (VPEvalOptions, {"hw": 1.5}, "--hw"),
+    (VPEvalOptions, {"shuffle": True}, "--shuffle"),
+    (VPBenchOptions, {"controls": "scratch"}, "--controls"),
+    (VPBenchOptions, {"seeds": "x"}, "--seeds"),
+    (VPBenchOptions, {"seed": 2}, "--seed"),
+])
+def test_options_reject_bad_values(cls, values, needle):
+    with pytest.raises(NetLLMError, match=needle):
+        cls.build(**values)
+
+
+def test_baselines_and_run_folders_become_policies(samples, tmp_path):
+    assert set(TASK.baselines()) >= {"no-motion", "velocity", "lr"}
+    short = VPEvalOptions(fw=7)
+    assert load_policy(TASK, "no-motion", short).predict(samples.history[:3]).shape == (3, 7, 3)
+    with pytest.raises(NetLLMError, match="not a baseline of vp"):
+        load_policy(TASK, "static", short)
+    with pytest.raises(NetLLMError, match="not a run folder"):
+        load_policy(TASK, str(tmp_path / "nowhere"), short)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NetLLMError, match=f"{tmp_path / 'empty'}: holds neither"):
+        load_policy(TASK, str(tmp_path / "empty"), short)
+    train_lstm(samples, None, LSTMRecipe(hidden=8, epochs=1), tmp_path / "lstm", log=lambda *_: None)
+    assert isinstance(load_policy(TASK, str(tmp_path / "lstm"), VPEvalOptions()), LSTMPredictor)
+    with pytest.raises(NetLLMError, match="trained for hw=10, fw=20; the evaluation uses hw=10, fw=7"):
+        load_policy(TASK, str(tmp_path / "lstm"), short)
+
+
+def test_task_evaluate_checks_the_window_and_writes_the_plots(tmp_path, samples, monkeypatch):
+    import netllm.tasks.vp.task as vp
+
+    monkeypatch.setattr(vp, "load_samples", lambda dataset, split, spec: samples)
+    with pytest.raises(NetLLMError, match="--policy short: trained for hw=10, fw=7"):
+        TASK.evaluate({"short": NoMotion(7)}, [0], VPEvalOptions(), tmp_path / "bad")
+    results = TASK.evaluate({"no-motion": NoMotion(20)}, [0, 1], VPEvalOptions(), tmp_path / "ok")
+    assert results["no-motion"].per_seed == {0: results["no-motion"].mean, 1: results["no-motion"].mean}
+    for name in ("results.json", "rows.csv", "box.png", "horizon.png", "horizon.json"):
+        assert (tmp_path / "ok" / name).is_file(), name
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "netllm.cli", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    bad = _cli("eval", "vp", "--policy", "static", "--out", str(tmp_path / "x"),
-               env={"NETLLM_DATA": str(tmp_path)})
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "not found" in bad.stderr or "unknown VP baseline" in bad.stderr
-    bad = _cli("eval", "vp", "--policy", "no-motion", "--hw", "many", "--out", str(tmp_path / "y"))
-    assert bad.returncode == 2 and "--hw" in bad.stderr and "Traceback" not in bad.stderr
+def _command(*path: str):
+    import typer
+
+    from netllm.cli import build_app
+
+    command = typer.main.get_command(build_app())
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+def test_cli_defaults_are_the_recipe():
+    recipe = dataclasses.asdict(VPRecipe())
+    for path in (("adapt", "vp"), ("bench", "vp")):
+        params = {p.name: p.default for p in _command(*path).params}
+        assert {k: params[k] for k in recipe} == recipe, path
+    adapt_params = {p.name: p.default for p in _command("adapt", "vp").params}
+    assert adapt_params["model"] == "netllm" and adapt_params["lstm_epochs"] == LSTMRecipe().epochs
+    eval_params = {p.name: p.default for p in _command("eval", "vp").params}
+    assert {k: eval_params[k] for k in ("dataset", "split", "hw", "fw", "step")} == dataclasses.asdict(
+        VPEvalOptions())
+
+
+BAD_OPTIONS = {
+    "eval": [["--hw", "many"], ["--hw", "0"], ["--fw", "0"], ["--step", "-1"], ["--split", "nope"],
+             ["--dataset", "X"], ["--seeds", "3-1"], ["--policy", "static"], ["--policy", "./no/such/run"]],
+    "adapt": [["--hw", "many"], ["--fw", "0"], ["--step", "0"], ["--dataset", "X"], ["--batch-size", "x"],
+              ["--batch-size", "0"], ["--lr", "x"], ["--lr", "0"], ["--layers", "0"], ["--rank", "-1"],
+              ["--epochs", "0"], ["--steps", "0"], ["--warmup-steps", "-1"], ["--weight-decay", "x"],
+              ["--schedule", "step"], ["--eval-every", "-1"], ["--seed", "x"], ["--model", "cnn"],
+              ["--model", "lstm", "--rank", "8"], ["--lstm-epochs", "3"], ["--model", "lstm", "--lstm-lr", "0"],
+              ["--device", "cuda:7"]],
+    "bench": [["--controls", "scratch"], ["--seeds", "x"], ["--seed", "2"], ["--fw", "0"], ["--epochs", "x"]],
+}
+
+
+@pytest.mark.parametrize("command, args", [(c, a) for c, cases in BAD_OPTIONS.items() for a in cases],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_every_bad_option_is_one_line_before_any_work(tmp_path, command, args):
+    out = tmp_path / "run"
+    policy = ["--policy", "no-motion"] if command == "eval" and "--policy" not in args else []
+    r = _cli(command, "vp", *policy, *args, "--out", str(out))
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = [line for line in r.stderr.strip().splitlines() if not line.startswith("warning:")]
+    needle = args[-2] if args[-2].startswith("--") else args[0]
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_cli_without_data_is_one_line_before_any_work(tmp_path):
+    for i, args in enumerate((["eval", "vp", "--policy", "no-motion"], ["adapt", "vp"],
+                              ["adapt", "vp", "--model", "lstm"])):
+        out = tmp_path / f"run{i}"
+        r = _cli(*args, "--out", str(out), env={"NETLLM_DATA": str(tmp_path / "empty")})
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "netllm data fetch vp" in r.stderr or "NETLLM_DATA" in r.stderr, r.stderr
+        if args[0] == "adapt":  # adapt checks the data before it writes the run folder
+            assert not out.exists()
 
 
 @pytest.mark.integration
@@ -126,3 +263,5 @@ def test_cli_eval_writes_results_and_plots(real_data, tmp_path):
     assert results["no-motion"]["mean"] == pytest.approx(9.76, abs=0.05)
     for name in ("rows.csv", "box.png", "horizon.png", "horizon.json"):
         assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["command"] == "eval vp" and (config["hw"], config["fw"], config["split"]) == (10, 20, "test")

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.table import Table
 
 from netllm.utils import NetLLMError, parse_seeds
@@ -32,44 +33,6 @@ SEEDS = typer.Option("1", "--seeds", help="Seeds: a list (1,2,3) or a range (1-1
 OUT = typer.Option(None, "--out", help="Run folder for the artefacts (default runs/<command>-<task>).")
 LLM = typer.Option("smollm2", "--llm", help="Backbone: smollm2, a .gguf file, a model folder or a HF id.")
 DEVICE = typer.Option("auto", "--device", help="auto, cpu, cuda or mps.")
-
-
-TASK_OPTIONS = {"allow_extra_args": True, "ignore_unknown_options": True}
-
-
-def _task_options(ctx: typer.Context) -> dict[str, Any]:
-    """Task-specific options (``--traces fcc-test``, ``--video video2``, ``--jobs 200``):
-    the framework passes them through and the task validates them."""
-    args, opts = list(ctx.args), {}
-    while args:
-        key = args.pop(0)
-        if not key.startswith("--") or len(key) < 3:
-            raise NetLLMError(f"unexpected argument {key!r}; task options look like --name value")
-        name = key[2:].replace("-", "_")
-        if "=" in name:
-            name, value = name.split("=", 1)
-        elif args and not args[0].startswith("--"):
-            value = args.pop(0)
-        else:
-            value = True
-        opts[name] = value
-    return opts
-
-
-def _call_task(task: Any, method: str, task_name: str, options: dict[str, Any], **kwargs: Any) -> Any:
-    """Call ``task.<method>`` with the shared and the task-specific options."""
-    import inspect
-
-    fn = getattr(task, method, None)
-    if not callable(fn):
-        raise NetLLMError(f"task {task_name!r} does not support this command")
-    params = inspect.signature(fn).parameters
-    for name in options:
-        if name not in params or name in kwargs:
-            known = [f"--{p.replace('_', '-')}" for p in params if p not in kwargs]
-            raise NetLLMError(f"--{name.replace('_', '-')}: not an option of task {task_name!r} here; "
-                              f"its options: {', '.join(known) or 'none'}")
-    return fn(**kwargs, **options)
 
 
 def _out(out: Optional[Path], default: str) -> Path:
@@ -144,119 +107,224 @@ def data_status(verify: bool = typer.Option(False, "--verify", help="Also check 
 
 @data_app.command("fetch")
 def data_fetch(
-    task: str = typer.Argument(..., help="abr, vp, cjs or all"),
+    task: str = typer.Argument(..., help="An installed task (abr, vp, cjs or a plug-in's) or all."),
     base_url: str = typer.Option(None, "--base-url", help="Mirror of the upstream repository (raw files)."),
 ) -> None:
-    """Download a task's data sets from their pinned upstream URLs, checking each sha256."""
+    """Download a task's data sets from their pinned upstream URLs, checking each sha256,
+    then run the task's post-fetch step (e.g. ABR's checkpoint conversion)."""
     from netllm import data
 
-    if task not in ("abr", "vp", "cjs", "all"):
-        raise NetLLMError(f"TASK: unknown data set group {task!r}; use abr, vp, cjs or all")
-    from netllm.tasks import available_tasks, get_task
-
-    for name in available_tasks():  # tasks register their post-fetch steps (e.g. ABR's converter)
-        get_task(name)
+    # data.fetch checks TASK first: an unknown one is a one-line error listing the installed tasks
     kwargs: dict[str, Any] = {} if base_url is None else {"base_url": base_url}
     summary = data.fetch(task, **kwargs)
     console.print(summary)
 
 
 # ----------------------------------------------------------------------------- task commands
+#
+# `netllm <command> <task> [options]`: one sub-command per installed task, its options built
+# from the task's typed options dataclass (see netllm.options), so `--help` lists every one
+# with its default. The options are checked before anything is written.
 
 
-@app.command(context_settings=TASK_OPTIONS)
-def collect(
-    ctx: typer.Context,
-    task: str = typer.Argument(..., help="Task name (abr, cjs, ...)."),
-    policy: list[str] = typer.Option(..., "--policy", help="Policy that plays the episodes (repeatable)."),
-    seeds: str = SEEDS,
-    out: Optional[Path] = OUT,
-) -> None:
-    """Collect an experience pool with existing policies (decision tasks)."""
-    from netllm.tasks import get_task
+class TaskGroup(TyperGroup):
+    """A command group whose sub-commands are tasks: an unknown name lists the installed ones."""
 
-    seed_list = parse_seeds(seeds)
-    _call_task(get_task(task), "collect", task, _task_options(ctx), policies=policy, seeds=seed_list,
-               out=_out(out, f"pool-{task}"))
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0] if args else None
+        if name is not None and not name.startswith("-") and self.get_command(ctx, name) is None:
+            raise NetLLMError(f"unknown task {name!r} for '{ctx.info_name}'; installed tasks with it: "
+                              + (", ".join(self.list_commands(ctx)) or "none"))
+        return super().resolve_command(ctx, args)
 
 
-@app.command(context_settings=TASK_OPTIONS)
-def adapt(
-    ctx: typer.Context,
-    task: str = typer.Argument(..., help="Task name (abr, vp, cjs, ...)."),
-    pool: Optional[list[Path]] = typer.Option(None, "--pool", help="Experience pool (decision tasks); "
-                                              "repeat it to train on several pools."),
-    out: Optional[Path] = OUT,
+collect_app = typer.Typer(cls=TaskGroup, no_args_is_help=True,
+                          help="Collect an experience pool with existing policies (decision tasks).")
+adapt_app = typer.Typer(cls=TaskGroup, no_args_is_help=True,
+                        help="Adapt the LLM to a task: LoRA + encoders + head, supervised or offline RL.")
+eval_app = typer.Typer(cls=TaskGroup, no_args_is_help=True,
+                       help="Evaluate baselines and adapters side by side; writes results.json, CSV and plots.")
+bench_app = typer.Typer(cls=TaskGroup, no_args_is_help=True,
+                        help="Measure quality and speed: a task's whole pipeline, or the foundation.")
+app.add_typer(collect_app, name="collect")
+app.add_typer(adapt_app, name="adapt")
+app.add_typer(eval_app, name="eval")
+app.add_typer(bench_app, name="bench")
+
+_COMMON = {
+    "policy": (list[str], typer.Option(..., "--policy", help="Baseline name or run folder (repeatable).")),
+    "seeds": (str, SEEDS),
+    "out": (Optional[Path], OUT),
+    "device": (str, DEVICE),
+    "resume": (bool, typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint.")),
+}
+
+
+def _typed_command(options_cls: type, common: tuple[str, ...], run: Any) -> Any:
+    """A Typer command whose parameters are ``common`` (see _COMMON) and the fields of
+    ``options_cls``; it calls ``run(common_values, options)`` with the checked options."""
+    import dataclasses
+    import inspect
+
+    from netllm.options import fields_of, option_name
+
+    params, annotations = [], {}
+    for name in common:
+        kind, info = _COMMON[name]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=info, annotation=kind))
+        annotations[name] = kind
+    names = []
+    for f, kind, optional in fields_of(options_cls):
+        if f.name in common:
+            raise TypeError(f"{options_cls.__name__}.{f.name} clashes with a common option")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        decl = f.metadata.get("flag") or option_name(f.name)
+        if kind is list:
+            annotation: Any = Optional[list[str]]
+            default = None
+        elif kind is bool and "/" not in decl:
+            annotation = bool
+            decl = f"{decl}/--no-{decl[2:]}"
+        else:
+            annotation = Optional[kind] if optional else kind
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += " [" + "|".join(f.metadata["choices"]) + "]"
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                        default=typer.Option(default, decl, help=help_text, show_default=True)))
+        annotations[f.name] = annotation
+        names.append(f.name)
+
+    def command(**values: Any) -> None:
+        fields = {n: ([] if values[n] is None and isinstance(_default_of(options_cls, n), list) else values[n])
+                  for n in names}
+        options = options_cls.build(**fields)
+        run({n: values[n] for n in common}, options)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = annotations
+    return command
+
+
+def _default_of(options_cls: type, name: str) -> Any:
+    import dataclasses
+
+    f = next(f for f in dataclasses.fields(options_cls) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _policies(task: Any, names: list[str], options: Any, device: str) -> dict[str, Any]:
+    """Every ``--policy``, loaded before anything is written (a bad name fails fast)."""
+    from netllm.recipe import load_policy
+
+    made: dict[str, Any] = {}
+    for name in names:
+        policy = load_policy(task, name, options, device)
+        label = getattr(policy, "name", name) if Path(name).is_dir() else name
+        made[label] = policy
+    return made
+
+
+def _register(task: Any) -> None:
+    """The sub-commands of one task under collect / adapt / eval / bench."""
+    from netllm.utils import prepare_run_dir
+
+    name = task.name
+
+    def run_eval(common: dict[str, Any], options: Any) -> None:
+        seeds = parse_seeds(common["seeds"])
+        policies = _policies(task, common["policy"], options, common["device"])
+        out = _out(common["out"], f"eval-{name}")
+        prepare_run_dir(out, {"command": f"eval {name}", "policies": common["policy"], "seeds": seeds,
+                              **options.to_dict()})
+        task.evaluate(policies, seeds, options, out)
+
+    eval_app.command(name=name, help=f"Evaluate policies on {name}: {task.summary}")(
+        _typed_command(task.EvalOptions, ("policy", "seeds", "out", "device"), run_eval))
+
+    def run_adapt(common: dict[str, Any], recipe: Any) -> None:
+        from netllm.utils import resolve_device
+
+        resolve_device(common["device"])
+        task.check_adapt(recipe)
+        out = _out(common["out"], f"{name}-adapter")
+        prepare_run_dir(out, {"command": f"adapt {name}", "resume": common["resume"], **recipe.to_dict()})
+        adapter = task.adapt(out, recipe, device=common["device"], resume=common["resume"])
+        console.print(f"adapter: {adapter}")
+
+    adapt_app.command(name=name, help=f"Adapt the LLM to {name}: {task.summary}")(
+        _typed_command(task.AdaptOptions, ("out", "device", "resume"), run_adapt))
+
+    if task.CollectOptions is not None:
+        def run_collect(common: dict[str, Any], options: Any) -> None:
+            seeds = parse_seeds(common["seeds"])
+            _policies(task, common["policy"], options, "cpu")
+            out = _out(common["out"], f"pool-{name}")
+            prepare_run_dir(out, {"command": f"collect {name}", "policies": common["policy"], "seeds": seeds,
+                                  **options.to_dict()})
+            task.collect(common["policy"], seeds, options, out)
+
+        collect_app.command(name=name, help=f"Collect an experience pool on {name}.")(
+            _typed_command(task.CollectOptions, ("policy", "seeds", "out"), run_collect))
+
+    if task.BenchOptions is not None:
+        def run_bench(common: dict[str, Any], options: Any) -> None:
+            from netllm.utils import resolve_device
+
+            resolve_device(common["device"])
+            out = _out(common["out"], f"bench-{name}")
+            prepare_run_dir(out, {"command": f"bench {name}", **options.to_dict()})
+            task.bench(options, out, device=common["device"])
+
+        bench_app.command(name=name, help=f"Benchmark {name}: pool/data -> adaptation + controls -> "
+                                          "evaluation against the baselines.")(
+            _typed_command(task.BenchOptions, ("out", "device"), run_bench))
+
+
+@bench_app.command("foundation")
+def bench_foundation(
     llm: str = LLM,
     device: str = DEVICE,
-    layers: Optional[int] = typer.Option(None, "--layers", help="Keep only the first N decoder layers."),
-    rank: int = typer.Option(16, "--rank", help="LoRA rank (0 = no LoRA)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps."),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Passes over the data (instead of --steps)."),
-    context: int = typer.Option(10, "--context", help="Context window K in steps (decision tasks)."),
-    seeds: str = SEEDS,
-    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
-    random_init: bool = typer.Option(False, "--random-init", help="Random LLM weights (ablation)."),
-) -> None:
-    """Adapt the LLM to a task: LoRA + encoders + head, supervised or offline RL."""
-    from netllm.tasks import get_task
-
-    seed_list = parse_seeds(seeds)
-    _call_task(get_task(task), "adapt", task, _task_options(ctx), pool=list(pool or []),
-               out=_out(out, f"{task}-adapter"), llm=llm, device=device, layers=layers, rank=rank, steps=steps,
-               epochs=epochs, context=context, seeds=seed_list, resume=resume, pretrained=not random_init)
-
-
-@app.command(name="eval", context_settings=TASK_OPTIONS)
-def evaluate(
-    ctx: typer.Context,
-    task: str = typer.Argument(..., help="Task name (abr, vp, cjs, ...)."),
-    policy: list[str] = typer.Option(..., "--policy", help="Baseline name or adapter folder (repeatable)."),
-    seeds: str = SEEDS,
     out: Optional[Path] = OUT,
-    device: str = DEVICE,
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repetitions per measurement."),
 ) -> None:
-    """Evaluate baselines and adapters side by side; writes results.json, CSV and plots."""
-    from netllm.tasks import get_task
+    """Backbone load time, LoRA training tokens/s, decision latency (KV cache vs recompute)."""
+    from netllm.bench import run_foundation_bench
 
-    seed_list = parse_seeds(seeds)
-    _call_task(get_task(task), "eval_cli", task, _task_options(ctx), policies=policy, seeds=seed_list,
-               out=_out(out, f"eval-{task}"), device=device)
-
-
-@app.command(context_settings=TASK_OPTIONS)
-def bench(
-    ctx: typer.Context,
-    what: str = typer.Argument("foundation", help="foundation, or a task name."),
-    llm: str = LLM,
-    device: str = DEVICE,
-    out: Optional[Path] = OUT,
-    repeats: int = typer.Option(3, "--repeats", help="Timed repetitions per measurement."),
-) -> None:
-    """Measure speed and quality; numbers go to <out>/bench.json and a table."""
-    if what == "foundation":
-        from netllm.bench import run_foundation_bench
-
-        run_foundation_bench(llm=llm, device=device, out=_out(out, "bench-foundation"), repeats=repeats)
-        return
-    from netllm.tasks import get_task
-
-    _call_task(get_task(what), "bench", what, _task_options(ctx), out=_out(out, f"bench-{what}"), llm=llm,
-               device=device)
+    run_foundation_bench(llm=llm, device=device, out=_out(out, "bench-foundation"), repeats=repeats)
 
 
 @app.command()
-def demo(llm: str = LLM, device: str = DEVICE) -> None:
-    """The main job. Until the ABR use case lands: the backbone check (doctor)."""
-    from netllm.tasks import available_tasks
+def demo(
+    task: Optional[str] = typer.Option(None, "--task", help="The task whose demo runs (default: every task "
+                                                             "that has one)."),
+    device: str = DEVICE,
+) -> None:
+    """Train a small adapter on a small budget and compare it with the baselines (minutes on two cores)."""
+    from netllm.registry import get_task, tasks
 
-    if "abr" in available_tasks():
-        from netllm.tasks import get_task
+    chosen = [get_task(task)] if task else [t for t in tasks().values() if t.has_demo]
+    if not chosen or not all(t.has_demo for t in chosen):
+        raise NetLLMError(f"--task: {task!r} has no demo" if task else "no installed task has a demo")
+    for t in chosen:
+        t.demo(device=device)
 
-        get_task("abr").demo(llm=llm, device=device)  # type: ignore[attr-defined]
-        return
-    console.print("[bold]NetLLM demo[/bold]: no use case is installed yet; running the backbone check.")
-    doctor(llm=llm, device=device, layers=None, prompt="The capital of France is")
+
+def build_app() -> typer.Typer:
+    """The CLI with every installed task's commands."""
+    from netllm.registry import broken_tasks, tasks
+
+    if not getattr(build_app, "done", False):
+        for why in broken_tasks().values():
+            Console(stderr=True).print(f"[yellow]warning:[/yellow] {why}", highlight=False, soft_wrap=True)
+        for task in tasks().values():
+            _register(task)
+        build_app.done = True  # type: ignore[attr-defined]
+    return app
+
+
+# typer's own click: the base of its usage errors (a bad value, an unknown option)
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def main() -> None:
@@ -267,20 +335,16 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     try:
-        app(standalone_mode=False)
+        build_app()(standalone_mode=False)
     except NetLLMError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         Console(stderr=True).print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    except _CLICK_ERROR as e:  # usage errors (a bad value, an unknown option): one line
+        Console(stderr=True).print(f"[red]error:[/red] {e.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,27 @@
 """The data set registry: where the reference data lives, how to fetch it, how to trust it.
 
-Every file the project reads from the real data sets is listed, with its sha256, in
-the manifest shipped with the package (``netllm/manifests/data.sha256``, keyed by the
-path under the data root). The registry below (``GROUPS``) names the data sets of each
-task and maps each local folder to the upstream folder it is published in, so that
+The data sets belong to the tasks (``netllm.registry``: every installed task, the
+built-in ABR, VP and CJS and any plug-in alike). Each task declares
+
+* ``datasets()``: its data set groups (:class:`DataGroup`), each mapping a local folder
+  under ``<data root>/<task>/`` to the upstream folder it is published in;
+* ``manifest()``: every file of those groups with its sha256, as ``sha256sum`` lines
+  keyed by the path under the data root (the built-in tasks ship theirs as
+  ``netllm/manifests/<task>.sha256``);
+* ``post_fetch(root)``: a step run after each successful fetch of the task (e.g. ABR's
+  converter from upstream TensorFlow checkpoints to ``abr/pretrained/*_actor.npz``);
+  it must be idempotent.
+
+This module reads them from the registry — ``groups()`` and ``default_manifest()`` are
+the union over the installed tasks — so that
 
     root = data_root()                        # $NETLLM_DATA or ~/.cache/netllm/data
     traces = dataset_path("abr", "traces", "test", "fcc-test")
     fetch("abr")                              # pinned URLs, sha256 checked before use
     rows = status(verify=True)                # one row per data set group
     jobs = load_verified_pickle(root / "cjs/tpch/2g/task_duration_1.npy")
+
+A task name that is not installed is a one-line NetLLMError listing the installed ones.
 
 A download is written to a temporary file beside its final path, hashed, and renamed
 into place only when its sha256 matches; a mismatch is rejected and leaves nothing.
@@ -23,14 +35,13 @@ import io
 import os
 import pickle
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cache
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.error import HTTPError, URLError
 from urllib.parse import quote
 from urllib.request import urlopen
@@ -40,8 +51,10 @@ from tqdm import tqdm
 
 from netllm.utils import NetLLMError, atomic_path, cache_dir
 
+if TYPE_CHECKING:
+    from netllm.tasks.base import Task
+
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/duowuyms/NetLLM/105bcf0"
-TASKS: tuple[str, ...] = ("abr", "vp", "cjs")
 DOWNLOAD_WORKERS = 8
 DOWNLOAD_TIMEOUT_S = 60.0
 DOWNLOAD_ATTEMPTS = 3
@@ -69,31 +82,6 @@ class DataGroup:
 
     def contains(self, path: str) -> bool:
         return path == self.local or path.startswith(self.local + "/")
-
-
-_ABR = "adaptive_bitrate_streaming/data"
-_VP = "viewport_prediction/data/viewports"
-_CJS = "cluster_job_scheduling"
-
-GROUPS: tuple[DataGroup, ...] = (
-    DataGroup("abr/traces/train", "abr/traces/train", f"{_ABR}/traces/train"),
-    DataGroup("abr/traces/valid", "abr/traces/valid", f"{_ABR}/traces/valid"),
-    DataGroup("abr/traces/test", "abr/traces/test", f"{_ABR}/traces/test"),
-    DataGroup("abr/videos", "abr/videos", f"{_ABR}/videos"),
-    DataGroup("abr/upstream_checkpoints", "abr/upstream_checkpoints", f"{_ABR}/all_models"),
-    DataGroup("abr/pretrained", "abr/pretrained", None, "converted from checkpoints"),
-    DataGroup("vp/viewports/Jin2022", "vp/viewports/Jin2022", f"{_VP}/Jin2022"),
-    DataGroup("vp/viewports/Wu2017", "vp/viewports/Wu2017", f"{_VP}/Wu2017"),
-    DataGroup("cjs/tpch", "cjs/tpch", f"{_CJS}/data/tpch"),
-    DataGroup(
-        "cjs/pretrained", "cjs/pretrained/decima_model.pt", f"{_CJS}/models/decima/model.pt"
-    ),
-)
-
-# Steps run after a task's files are fetched, e.g. the ABR converter that turns the
-# upstream TensorFlow checkpoints into ``abr/pretrained/*_actor.npz``. Each gets the data
-# root, runs after every successful ``fetch`` of its task and must be idempotent.
-POST_FETCH: dict[str, Callable[[Path], None]] = {}
 
 
 @dataclass(frozen=True)
@@ -131,12 +119,61 @@ class FetchSummary:
 # --------------------------------------------------------------------------- manifest
 
 
+def _installed() -> dict[str, "Task"]:
+    """Every installed task by name (``netllm.registry``; imported here: no import cycle)."""
+    from netllm import registry
+
+    return registry.tasks()
+
+
+def _select(task: str, allow_all: bool = False) -> dict[str, "Task"]:
+    """The installed task ``task`` (or every one, for ``all``), by name."""
+    found = _installed()
+    if task in found:
+        return {task: found[task]}
+    if allow_all and task == "all":
+        return dict(found)
+    from netllm import registry
+
+    broken = registry.broken_tasks()
+    if task in broken:
+        raise NetLLMError(broken[task])
+    listed = ", ".join(sorted(found)) if found else "none installed"
+    raise NetLLMError(
+        f"unknown task {task!r}; installed tasks: {listed}" + (" (or all)" if allow_all else "")
+    )
+
+
+def _groups_of(name: str, task: "Task") -> tuple[DataGroup, ...]:
+    """The data set groups of one task, checked to lie under ``<name>/``."""
+    found = tuple(task.datasets())
+    for group in found:
+        if not isinstance(group, DataGroup):
+            raise NetLLMError(
+                f"task {name!r}: datasets() must return DataGroups, got {type(group).__name__}"
+            )
+        if group.task != name or not (group.local == name or group.local.startswith(name + "/")):
+            raise NetLLMError(
+                f"task {name!r}: data set group {group.name!r} ({group.local}) "
+                f"is not under '{name}/'"
+            )
+    return found
+
+
+def groups() -> tuple[DataGroup, ...]:
+    """The data set groups of every installed task, task by task (a task may have none)."""
+    return tuple(g for name, task in _installed().items() for g in _groups_of(name, task))
+
+
 def group_of(path: str) -> DataGroup:
-    """The registry group a manifest path belongs to."""
-    for group in GROUPS:
+    """The data set group (of an installed task) a manifest path belongs to."""
+    for group in groups():
         if group.contains(path):
             return group
-    raise NetLLMError(f"manifest path {path!r} belongs to no data set group of netllm.data")
+    raise NetLLMError(
+        f"manifest path {path!r} belongs to no data set group of the installed tasks "
+        f"({', '.join(_installed()) or 'none installed'})"
+    )
 
 
 def build_manifest(hashes: Mapping[str, str]) -> Manifest:
@@ -163,9 +200,23 @@ def read_sha256_file(text: str, source: str) -> dict[str, str]:
 
 @cache
 def default_manifest() -> Manifest:
-    """The manifest shipped with the package (every file of the reference data)."""
-    res = resources.files("netllm").joinpath("manifests/data.sha256")
-    return build_manifest(read_sha256_file(res.read_text("utf-8"), "netllm/manifests/data.sha256"))
+    """Every file of every installed task's data sets: the union of the tasks' manifests.
+
+    Each path must belong to a data set group of the task whose manifest lists it.
+    """
+    entries: dict[str, ManifestEntry] = {}
+    for name, task in _installed().items():
+        own = _groups_of(name, task)
+        text = task.manifest()
+        for path, sha in read_sha256_file(text, f"task {name!r} manifest").items():
+            group = next((g for g in own if g.contains(path)), None)
+            if group is None:
+                raise NetLLMError(
+                    f"task {name!r} manifest: path {path!r} belongs to no data set group "
+                    f"of task {name!r}"
+                )
+            entries[path] = ManifestEntry(path, sha.lower(), group)
+    return MappingProxyType(entries)
 
 
 # --------------------------------------------------------------------------- locating
@@ -185,21 +236,13 @@ def data_root() -> Path:
     return cache_dir() / "data"
 
 
-def _check_task(task: str, allow_all: bool = False) -> tuple[str, ...]:
-    if task in TASKS:
-        return (task,)
-    if allow_all and task == "all":
-        return TASKS
-    choices = ", ".join(TASKS) + (" or all" if allow_all else "")
-    raise NetLLMError(f"task: unknown data set task {task!r}; choose {choices}")
-
-
 def dataset_path(task: str, *parts: str, root: str | os.PathLike[str] | None = None) -> Path:
     """The path of a data set folder or file, e.g. ``dataset_path("abr", "videos")``.
 
-    Raises NetLLMError (saying how to get the data) when it does not exist.
+    ``task`` is any installed task. Raises NetLLMError (saying how to get the data)
+    when the path does not exist.
     """
-    _check_task(task)
+    _select(task)
     base = Path(root) if root is not None else data_root()
     path = base.joinpath(task, *parts)
     if not path.exists():
@@ -251,7 +294,8 @@ def status(
     for entry in manifest.values():
         by_group.setdefault(entry.group, []).append(entry)
     rows = []
-    order = [g for g in GROUPS if g in by_group] + [g for g in by_group if g not in GROUPS]
+    known = groups()
+    order = [g for g in known if g in by_group] + [g for g in by_group if g not in known]
     for group in order:
         entries = by_group[group]
         states = _file_states(root, entries, verify)
@@ -334,14 +378,15 @@ def fetch(
     manifest: Manifest | None = None,
     workers: int = DOWNLOAD_WORKERS,
 ) -> FetchSummary:
-    """Download the missing or corrupt files of ``task`` (abr, vp, cjs or all).
+    """Download the missing or corrupt files of ``task`` (any installed task, or all).
 
     Files already present with the right sha256 are skipped; each download is checked
     before it is moved to its final path. Failed files are reported together in one
     NetLLMError after the others have landed, so a re-run resumes where this one
-    stopped. Then the task's ``POST_FETCH`` step (if any) runs.
+    stopped. Then each selected task's ``post_fetch(root)`` runs.
     """
-    tasks = _check_task(task, allow_all=True)
+    selected = _select(task, allow_all=True)
+    tasks = tuple(selected)
     root = Path(root) if root is not None else data_root()
     manifest = default_manifest() if manifest is None else manifest
     entries = [e for e in manifest.values() if e.group.task in tasks and e.upstream is not None]
@@ -372,9 +417,10 @@ def fetch(
             "the others are in place, re-run to retry:\n  " + "\n  ".join(sorted(errors)[:3])
         )
 
-    steps = [t for t in tasks if t in POST_FETCH]
-    for t in steps:
-        POST_FETCH[t](root)
+    for t in selected.values():
+        t.post_fetch(root)
+    # the tasks with a post-fetch step of their own (not the Task default, which does nothing)
+    steps = [n for n, t in selected.items() if _has_post_fetch(t)]
     derived = [e.path for e in manifest.values() if e.group.task in tasks and e.upstream is None]
     return FetchSummary(
         task=task,
@@ -385,6 +431,12 @@ def fetch(
         post_fetch=steps,
         missing_derived=[p for p in derived if not (root / p).is_file()],
     )
+
+
+def _has_post_fetch(task: "Task") -> bool:
+    from netllm.tasks.base import Task
+
+    return getattr(type(task), "post_fetch", None) is not Task.post_fetch
 
 
 # --------------------------------------------------------------------------- pickles

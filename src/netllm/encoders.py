@@ -7,7 +7,6 @@ applied last. The result is passed to the LLM as ``inputs_embeds``.
 
     scalar  Linear + ReLU                 (..., in_dim)            e.g. buffer_s, chunks_left
     series  Conv1d + ReLU -> Linear       (..., [in_dim,] length)  e.g. throughput_mbps history
-    graph   Decima-style message passing  nodes, edges, graph ids  job DAGs of a Spark cluster
     image   frozen pretrained ViT -> Linear  (..., C, H, W)        video frames
 
 All encoders accept arbitrary leading batch dimensions (flattened, then restored),
@@ -17,15 +16,15 @@ and raise ``NetLLMError`` naming the modality on a wrong trailing shape or NaN i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Mapping, NamedTuple, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from netllm.utils import NetLLMError
 
-Kind = Literal["scalar", "series", "graph", "image"]
-KINDS: tuple[str, ...] = ("scalar", "series", "graph", "image")
+Kind = Literal["scalar", "series", "image"]
+KINDS: tuple[str, ...] = ("scalar", "series", "image")
 
 
 # ----------------------------------------------------------------------------- spec
@@ -39,8 +38,6 @@ class EncoderSpec:
       scalar: ``in_dim`` (number of features)
       series: ``in_dim`` (channels; 1 means the input has no channel axis), ``length``,
               ``kernel_size`` (default ``min(4, length)``)
-      graph:  ``node_dim``, ``rounds`` (message-passing rounds; >= DAG depth gives the
-              exact Decima recursion), ``pooling`` ("sum" as in Decima, or "mean")
       image:  ``vision`` (a built ``nn.Module``, a transformers vision config, or a
               model id / local folder for ``AutoModel.from_pretrained``)
     ``embed_dim`` is the feature width before the projection to the LLM hidden size.
@@ -50,11 +47,8 @@ class EncoderSpec:
     kind: Kind
     in_dim: int = 1
     length: int | None = None
-    node_dim: int | None = None
     embed_dim: int = 128
     kernel_size: int | None = None
-    rounds: int = 8
-    pooling: Literal["sum", "mean"] = "sum"
     vision: Any = None
 
     def __post_init__(self) -> None:
@@ -75,13 +69,6 @@ class EncoderSpec:
                 raise NetLLMError(
                     f"{where}: kernel_size must be an int in 1..length={self.length}, got {k!r}"
                 )
-        if self.kind == "graph":
-            if not _is_pos_int(self.node_dim):
-                raise NetLLMError(f"{where}: node_dim must be a positive int, got {self.node_dim!r}")
-            if not (isinstance(self.rounds, int) and self.rounds >= 0):
-                raise NetLLMError(f"{where}: rounds must be an int >= 0, got {self.rounds!r}")
-            if self.pooling not in ("sum", "mean"):
-                raise NetLLMError(f"{where}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
         if self.kind == "image" and self.vision is None:
             raise NetLLMError(
                 f"{where}: vision must be an nn.Module, a transformers config, or a model id/path"
@@ -163,162 +150,6 @@ class SeriesEncoder(nn.Module):
         h = torch.relu(self.conv(x))                    # (N, embed_dim, length - k + 1)
         h = torch.relu(self.fc(h.flatten(1)))           # (N, embed_dim)
         return h.reshape(*lead, self.embed_dim)
-
-
-# ----------------------------------------------------------------------------- graph
-
-
-class GraphEmbeddings(NamedTuple):
-    """Embeddings of a batch of job DAGs, at three levels."""
-
-    node_embeddings: torch.Tensor    # (N_total, D)  one per stage
-    graph_embeddings: torch.Tensor   # (num_graphs, D)  one per job DAG
-    global_embedding: torch.Tensor   # (D,) or (num_batches, D) when batch_index is given
-
-
-def _mlp(in_dim: int, out_dim: int, hidden: Sequence[int], act: type[nn.Module] = nn.ReLU, **act_kw: Any) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    d = in_dim
-    for w in hidden:
-        layers += [nn.Linear(d, w), act(**act_kw)]
-        d = w
-    layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
-
-
-def _segment_sum(src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-    """``out[i] = sum(src[j] for j where index[j] == i)``; rows with no member stay zero."""
-    out = src.new_zeros(size, *src.shape[1:])
-    return out.index_add_(0, index, src)
-
-
-class GraphEncoder(nn.Module):
-    """Decima-style GNN over a batch of job DAGs of different sizes, in one call.
-
-    Edges point parent -> child (``edge_index[0]`` is the stage that must finish first).
-    Messages flow from children to parents: after ``rounds`` synchronous rounds
-
-        h_v = h0_v + g( sum_{u in children(v)} f(h_u) ),   h0_v = prep(x_v)
-
-    which, once ``rounds`` >= the DAG depth, is exactly Decima's bottom-up recursion
-    (a leaf's embedding never depends on its parents). A DAG summary pools its nodes,
-    and a global summary pools the DAGs (of the whole call, or of each state when
-    ``batch_index`` assigns DAGs to states):
-
-        y_G = g_dag( pool_{v in G} f_dag(h_v) ),   z = g_glob( pool_{G} f_glob(y_G) )
-
-    The MLPs use LeakyReLU(0.2) as in Decima. No Python loop over nodes or graphs.
-    """
-
-    def __init__(
-        self,
-        node_dim: int,
-        embed_dim: int = 128,
-        rounds: int = 8,
-        pooling: Literal["sum", "mean"] = "sum",
-        name: str = "graph",
-    ) -> None:
-        super().__init__()
-        self.name, self.node_dim, self.embed_dim = name, node_dim, embed_dim
-        self.rounds, self.pooling = rounds, pooling
-        d, hid = embed_dim, [embed_dim]
-        act = dict(act=nn.LeakyReLU, negative_slope=0.2)
-        self.prep = _mlp(node_dim, d, hid, **act)
-        self.msg = _mlp(d, d, hid, **act)        # f: applied to a child's embedding
-        self.update = _mlp(d, d, hid, **act)     # g: applied to the sum of messages
-        self.dag_in = _mlp(d, d, hid, **act)
-        self.dag_out = _mlp(d, d, hid, **act)
-        self.glob_in = _mlp(d, d, hid, **act)
-        self.glob_out = _mlp(d, d, hid, **act)
-
-    def _pool(self, src: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
-        total = _segment_sum(src, index, size)
-        if self.pooling == "mean":
-            count = _segment_sum(torch.ones_like(index, dtype=src.dtype), index, size)
-            total = total / count.clamp_min(1).unsqueeze(-1)
-        return total
-
-    def _check(
-        self,
-        node_features: torch.Tensor,
-        edge_index: torch.Tensor,
-        graph_index: torch.Tensor,
-        num_graphs: int,
-    ) -> None:
-        name = self.name
-        _check_input(node_features, f"{name}.node_features", (self.node_dim,), "(N_total, node_dim)")
-        if node_features.dim() != 2:
-            raise NetLLMError(
-                f"input '{name}.node_features': expected shape (N_total, {self.node_dim}), "
-                f"got {tuple(node_features.shape)}"
-            )
-        n = node_features.shape[0]
-        if not (isinstance(edge_index, torch.Tensor) and edge_index.dim() == 2 and edge_index.shape[0] == 2):
-            raise NetLLMError(
-                f"input '{name}.edge_index': expected a (2, E) tensor, got "
-                f"{tuple(edge_index.shape) if isinstance(edge_index, torch.Tensor) else type(edge_index).__name__}"
-            )
-        if edge_index.is_floating_point() or edge_index.dtype == torch.bool:
-            raise NetLLMError(f"input '{name}.edge_index': expected an integer tensor, got {edge_index.dtype}")
-        if not (isinstance(graph_index, torch.Tensor) and tuple(graph_index.shape) == (n,)):
-            raise NetLLMError(
-                f"input '{name}.graph_index': expected shape ({n},) (one graph id per node), got "
-                f"{tuple(graph_index.shape) if isinstance(graph_index, torch.Tensor) else type(graph_index).__name__}"
-            )
-        if graph_index.is_floating_point() or graph_index.dtype == torch.bool:
-            raise NetLLMError(f"input '{name}.graph_index': expected an integer tensor, got {graph_index.dtype}")
-        if not (isinstance(num_graphs, int) and num_graphs >= 1):
-            raise NetLLMError(f"input '{name}.num_graphs': expected an int >= 1, got {num_graphs!r}")
-        if n and (graph_index.min() < 0 or graph_index.max() >= num_graphs):
-            raise NetLLMError(f"input '{name}.graph_index': ids must lie in 0..{num_graphs - 1}")
-        if edge_index.numel():
-            if edge_index.min() < 0 or edge_index.max() >= n:
-                raise NetLLMError(f"input '{name}.edge_index': node ids must lie in 0..{n - 1}")
-            if (graph_index[edge_index[0]] != graph_index[edge_index[1]]).any():
-                raise NetLLMError(f"input '{name}.edge_index': an edge joins nodes of two different graphs")
-
-    def forward(
-        self,
-        node_features: torch.Tensor,
-        edge_index: torch.Tensor,
-        graph_index: torch.Tensor,
-        num_graphs: int,
-        batch_index: torch.Tensor | None = None,
-        num_batches: int | None = None,
-    ) -> GraphEmbeddings:
-        """Embed ``num_graphs`` DAGs given as one disjoint union.
-
-        node_features (N_total, node_dim), edge_index (2, E) parent -> child,
-        graph_index (N_total,) graph id per node, batch_index (num_graphs,) optional state id
-        per graph (then ``global_embedding`` is (num_batches, D), else (D,)).
-        """
-        self._check(node_features, edge_index, graph_index, num_graphs)
-        x = node_features.to(self.prep[0].weight.dtype)
-        parent, child = edge_index[0].long(), edge_index[1].long()
-        graph_index = graph_index.long()
-
-        h0 = self.prep(x)
-        h = h0
-        for _ in range(self.rounds):                                   # rounds, not nodes
-            messages = _segment_sum(self.msg(h)[child], parent, h.shape[0])
-            h = h0 + self.update(messages)
-
-        graphs = self.dag_out(self._pool(self.dag_in(h), graph_index, num_graphs))
-        g = self.glob_in(graphs)
-        if batch_index is None:
-            glob = self.glob_out(g.sum(0) if self.pooling == "sum" else g.mean(0))
-        else:
-            if not (isinstance(batch_index, torch.Tensor) and tuple(batch_index.shape) == (num_graphs,)):
-                raise NetLLMError(
-                    f"input '{self.name}.batch_index': expected shape ({num_graphs},) (one state id per graph)"
-                )
-            batch_index = batch_index.long()
-            if num_batches is None:
-                num_batches = int(batch_index.max()) + 1
-            if batch_index.min() < 0 or batch_index.max() >= num_batches:
-                raise NetLLMError(f"input '{self.name}.batch_index': ids must lie in 0..{num_batches - 1}")
-            glob = self.glob_out(self._pool(g, batch_index, num_batches))
-        return GraphEmbeddings(h, graphs, glob)
 
 
 # ----------------------------------------------------------------------------- image
@@ -423,30 +254,15 @@ def build_encoder(spec: EncoderSpec) -> nn.Module:
     if spec.kind == "series":
         assert spec.length is not None
         return SeriesEncoder(spec.in_dim, spec.length, spec.embed_dim, spec.kernel_size, name=spec.name)
-    if spec.kind == "graph":
-        assert spec.node_dim is not None
-        return GraphEncoder(spec.node_dim, spec.embed_dim, spec.rounds, spec.pooling, name=spec.name)
     if spec.kind == "image":
         return ImageEncoder(spec.vision, spec.embed_dim, name=spec.name)
     raise NetLLMError(f"encoder spec {spec.name!r}: unknown kind {spec.kind!r}")
 
 
-class GraphProjection(nn.Module):
-    """Separate projections for node, DAG and global embeddings (different statistics)."""
-
-    def __init__(self, embed_dim: int, hidden_size: int) -> None:
-        super().__init__()
-        self.node = nn.Linear(embed_dim, hidden_size)
-        self.graph = nn.Linear(embed_dim, hidden_size)
-        self.glob = nn.Linear(embed_dim, hidden_size)
-
-
 class ModalityEncoders(nn.Module):
     """All modality encoders of one model: feature encoder -> projection -> shared LayerNorm.
 
-    ``forward(name, x)`` returns ``(..., hidden_size)`` token embeddings; for a graph
-    modality it returns ``GraphEmbeddings`` whose three levels are each projected and
-    normed to ``hidden_size``.
+    ``forward(name, x)`` returns ``(..., hidden_size)`` token embeddings.
     """
 
     def __init__(self, specs: Sequence[EncoderSpec], hidden_size: int) -> None:
@@ -459,14 +275,7 @@ class ModalityEncoders(nn.Module):
         self.specs: dict[str, EncoderSpec] = {s.name: s for s in specs}
         self.hidden_size = hidden_size
         self.encoders = nn.ModuleDict({s.name: build_encoder(s) for s in specs})
-        self.projections = nn.ModuleDict(
-            {
-                s.name: GraphProjection(s.embed_dim, hidden_size)
-                if s.kind == "graph"
-                else nn.Linear(s.embed_dim, hidden_size)
-                for s in specs
-            }
-        )
+        self.projections = nn.ModuleDict({s.name: nn.Linear(s.embed_dim, hidden_size) for s in specs})
         self.norm = nn.LayerNorm(hidden_size)   # ONE LayerNorm shared by every modality
 
     def _spec(self, name: str) -> EncoderSpec:
@@ -474,36 +283,20 @@ class ModalityEncoders(nn.Module):
             raise NetLLMError(f"modality {name!r}: unknown; this model has {sorted(self.specs)}")
         return self.specs[name]
 
-    def forward(self, name: str, x: torch.Tensor, **kw: Any) -> torch.Tensor | GraphEmbeddings:
-        spec = self._spec(name)
-        feats = self.encoders[name](x, **kw)
-        proj = self.projections[name]
-        if spec.kind == "graph":
-            return GraphEmbeddings(
-                self.norm(proj.node(feats.node_embeddings)),
-                self.norm(proj.graph(feats.graph_embeddings)),
-                self.norm(proj.glob(feats.global_embedding)),
-            )
-        return self.norm(proj(feats))
+    def forward(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        self._spec(name)
+        return self.norm(self.projections[name](self.encoders[name](x)))
 
     def encode_all(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Encode several non-graph modalities at once: ``{name: (..., hidden_size)}``."""
-        out: dict[str, torch.Tensor] = {}
-        for name, x in inputs.items():          # loop over modalities, not samples
-            if self._spec(name).kind == "graph":
-                raise NetLLMError(f"modality {name!r}: graph inputs need forward(name, ..., edge_index=...)")
-            out[name] = self(name, x)  # type: ignore[assignment]
-        return out
+        """Encode several modalities at once: ``{name: (..., hidden_size)}``."""
+        return {name: self(name, x) for name, x in inputs.items()}  # loop over modalities, not samples
 
 
 __all__ = [
     "EncoderSpec",
     "ScalarEncoder",
     "SeriesEncoder",
-    "GraphEncoder",
-    "GraphEmbeddings",
     "ImageEncoder",
     "ModalityEncoders",
-    "GraphProjection",
     "build_encoder",
 ]

@@ -15,6 +15,8 @@ A trained adapter is a folder (never the base LLM, never pickle):
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -27,7 +29,9 @@ from torch import nn
 from netllm.backbone import DEFAULT_LLM, Backbone, LoraSpec, load_backbone
 from netllm.encoders import EncoderSpec, ModalityEncoders
 from netllm.heads import HeadSpec, build_head
-from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance
+from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance, strict_json_dumps
+
+log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
@@ -96,8 +100,15 @@ def _spec_to_json(spec: Any) -> dict[str, Any]:
     return out
 
 
+# Fields a spec class no longer has, which adapters saved before still carry (ignored on
+# load): EncoderSpec's graph-only fields, removed with the unused graph encoder.
+_RETIRED_FIELDS: dict[type, tuple[str, ...]] = {EncoderSpec: ("node_dim", "rounds", "pooling")}
+
+
 def _spec_from_json(cls: type, d: dict[str, Any]) -> Any:
     d = dict(d)
+    for name in _RETIRED_FIELDS.get(cls, ()):
+        d.pop(name, None)
     for f in fields(cls):
         value = d.get(f.name)
         if isinstance(value, dict) and "model_type" in value:
@@ -194,7 +205,9 @@ class NetLLM(nn.Module):
         """Write the adapter's three files into ``folder`` (other files there are kept).
 
         Each file is written to a temp file and renamed; the config goes last, so a
-        folder is only ever recognised as an adapter once its weights are complete.
+        folder is only ever recognised as an adapter once its weights are complete. The
+        config is strict JSON: a NaN or Infinity in it (e.g. in ``extra``) raises
+        ``NetLLMError`` before anything in ``folder`` is touched.
         """
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -207,11 +220,12 @@ class NetLLM(nn.Module):
             "extra": extra or {},
             **provenance(),
         }
+        config_text = strict_json_dumps(config, path=folder / ADAPTER_CONFIG, indent=2, sort_keys=False) + "\n"
         (folder / ADAPTER_CONFIG).unlink(missing_ok=True)
         for name, state in ((LORA_WEIGHTS, self.backbone.lora_state_dict()), (MODULE_WEIGHTS, self.module_state_dict())):
             with atomic_path(folder / name) as tmp:
                 save_file(state, str(tmp), metadata={"format": "pt"})
-        atomic_write_text(folder / ADAPTER_CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+        atomic_write_text(folder / ADAPTER_CONFIG, config_text)
         return folder
 
     @classmethod
@@ -260,29 +274,74 @@ class BestAdapter:
 
     Call ``update(model, score, step)`` from the training loop's eval callback and
     ``finish(model)`` after training: without any evaluation the final model is saved.
-    ``extra()`` supplies the run's details; ``{"best": {metric: score, "step": step}}``
-    is added to them.
+    ``extra()`` supplies the run's details; ``"best"`` is added to them:
+    ``{metric: score, "step": step}`` for an adapter chosen on validation, ``null`` for
+    the final model of a run without evaluation.
+
+    ``resume=True`` (pass it with ``train(..., resume=True)``) continues the run whose
+    adapter is already in ``folder``: its recorded best (``extra.best`` of
+    adapter_config.json) is what later evaluations must beat, and ``finish`` keeps it.
+    Without ``resume`` an adapter already in ``folder`` belongs to an earlier run and is
+    replaced. ``finish`` never overwrites an adapter chosen on validation.
     """
 
     def __init__(self, folder: str | os.PathLike[str], metric: str, higher_is_better: bool,
-                 extra: Any = dict) -> None:
+                 extra: Any = dict, *, resume: bool = False) -> None:
         self.folder, self.metric, self.higher_is_better, self.extra = Path(folder), metric, higher_is_better, extra
-        self.best: dict[str, float] = {metric: -float("inf") if higher_is_better else float("inf"), "step": 0}
-        self.saved = False
+        self.score: float | None = None  # the best validation score so far (None: no evaluation yet)
+        self.step = 0  # the step it was reached at
+        self.saved = False  # whether ``folder`` holds the adapter of ``score``
+        if resume:
+            self._restore()
+
+    @property
+    def best(self) -> dict[str, float] | None:
+        """``{metric: score, "step": step}`` of the kept adapter; None before any evaluation."""
+        return None if self.score is None else {self.metric: self.score, "step": self.step}
+
+    def _restore(self) -> None:
+        """Take over the best score and step recorded by the adapter already in ``folder``."""
+        path = self.folder / ADAPTER_CONFIG
+        if not path.is_file():
+            return
+        try:
+            best = (json.loads(path.read_text()).get("extra") or {}).get("best")
+        except (OSError, ValueError, AttributeError) as e:
+            raise NetLLMError(f"{path}: unreadable adapter config, cannot resume its best adapter: {e}") from None
+        if not isinstance(best, dict):  # saved without validation (null, or -Infinity before)
+            return
+        score = best.get(self.metric)
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            log.warning("%s: recorded best %r has no score for %r; not resumed", path, best, self.metric)
+            return
+        if not math.isfinite(score):  # an older adapter saved without validation (-Infinity)
+            return
+        self.score, self.step, self.saved = float(score), int(best.get("step", 0)), True
+        log.info("resuming best adapter in %s: %s=%g at step %d", self.folder, self.metric, self.score, self.step)
 
     def _save(self, model: "NetLLM") -> None:
-        model.save_adapter(self.folder, extra={**self.extra(), "best": dict(self.best)})
-        self.saved = True
+        model.save_adapter(self.folder, extra={**self.extra(), "best": self.best})
 
     def update(self, model: "NetLLM", score: float, step: int) -> bool:
-        current = self.best[self.metric]
-        if (score > current) if self.higher_is_better else (score < current):
-            self.best.update({self.metric: score, "step": step})
+        """Save ``model`` if ``score`` beats the best so far; whether it did.
+
+        A non-finite score (NaN, +-Infinity) never counts as the best.
+        """
+        score = float(score)
+        if not math.isfinite(score):
+            log.warning("validation %s is %s at step %d; not a candidate for the best adapter",
+                        self.metric, score, step)
+            return False
+        better = self.score is None or (score > self.score if self.higher_is_better else score < self.score)
+        if better:
+            self.score, self.step = score, int(step)
             self._save(model)
-            return True
-        return False
+            self.saved = True
+        return better
 
     def finish(self, model: "NetLLM") -> Path:
+        """The adapter folder; saves the final ``model`` there unless an adapter chosen on
+        validation (this run's, or the resumed run's) is already in it."""
         if not self.saved:
             model.eval()
             self._save(model)

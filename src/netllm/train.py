@@ -1,7 +1,9 @@
 """The one training loop, for supervised (VP) and offline-RL (ABR, CJS) adaptation.
 
 Read it top to bottom: the hyper-parameters (``TrainConfig``), the learning-rate
-schedule (``lr_at``), the trainable-parameter helpers, checkpointing, then ``train``.
+schedule (``lr_at``), the optimizer, the metrics files, the pieces of one step, then
+``train``. What a checkpoint holds, and how it is written and resumed, is in
+``netllm.checkpoint``.
 
 The loop knows nothing about tasks. A caller hands it
 
@@ -20,51 +22,43 @@ The loop knows nothing about tasks. A caller hands it
   are isolated from training (the generators are saved before and restored after), so
   how often you evaluate never changes the trained weights.
 
-Only parameters with ``requires_grad`` are optimised (AdamW), and only they are saved:
-the frozen LLM never enters a checkpoint. A checkpoint is a folder
-``out_dir/checkpoint/`` written atomically (temp folder, then rename; only the last one
-is kept), without pickle::
-
-    model.safetensors      trainable parameters, by name
-    optimizer.safetensors  AdamW state, flattened to ``state.{param_index}.{key}``
-    rng_state.safetensors  torch CPU (and CUDA) generator states
-    trainer_state.json     step, loss, elapsed time, optimizer param_groups, parameter
-                           names, Python/numpy generator states, the config
-
-The learning rate is a pure function of the step (``lr_at``), so the "scheduler state"
-is the step itself. Together with the optimizer state, the generator states (dropout)
-and the batch index, that makes a resumed run reproduce the uninterrupted one.
+Only parameters with ``requires_grad`` are optimised (AdamW), and only they are saved
+in the checkpoint ``out_dir/checkpoint/``. The learning rate is a pure function of the
+step (``lr_at``), so the "scheduler state" is the step itself; with the optimizer
+state, the generator states (dropout) and the batch index, a resumed run reproduces
+the uninterrupted one.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
-import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from netllm.utils import NetLLMError, atomic_path, provenance, seed_everything
+from netllm.checkpoint import (
+    CHECKPOINT_DIRNAME,
+    new_trainer_state,
+    resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trainable_named_parameters,
+)
+from netllm.utils import NetLLMError, atomic_path, seed_everything
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIRNAME = "checkpoint"
 METRICS_FILENAME = "metrics.csv"
 TENSORBOARD_DIRNAME = "tb"
-_CHECKPOINT_FORMAT = 1
 _COUNT_METRICS = ("tokens", "samples")  # summed per step and reported per second
 
 
@@ -151,65 +145,8 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Trainable parameters (also used to save/load adapters)
+# Optimizer
 # --------------------------------------------------------------------------------------
-
-
-def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``(name, parameter)`` for every parameter with ``requires_grad``, in model order."""
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable parameters only, by name (detached, on CPU, contiguous).
-
-    The frozen LLM is not in it, so the result is small and safe to write with
-    ``safetensors.torch.save_file``.
-    """
-    return {
-        name: p.detach().to("cpu").contiguous() for name, p in trainable_named_parameters(model)
-    }
-
-
-def load_trainable_state_dict(
-    model: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    strict: bool = True,
-    *,
-    source: str | os.PathLike[str] | None = None,
-) -> tuple[list[str], list[str]]:
-    """Copy ``state_dict`` into the model's trainable parameters, in place.
-
-    With ``strict`` the names must be exactly the model's trainable parameter names;
-    otherwise only the common names are loaded. Returns ``(missing, unexpected)``.
-    Shapes must always match. ``source`` (a file or folder) is named in error messages.
-    """
-    where = f" from {source}" if source is not None else ""
-    params = dict(trainable_named_parameters(model))
-    missing = sorted(set(params) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(params))
-    if strict and (missing or unexpected):
-        raise NetLLMError(
-            f"cannot load trainable parameters{where}: they do not match the model "
-            f"(missing {_some(missing)}; unexpected {_some(unexpected)})"
-        )
-    with torch.no_grad():
-        for name in sorted(set(params) & set(state_dict)):
-            param, value = params[name], state_dict[name]
-            if tuple(param.shape) != tuple(value.shape):
-                raise NetLLMError(
-                    f"cannot load trainable parameter {name!r}{where}: shape "
-                    f"{tuple(value.shape)} does not match the model's {tuple(param.shape)}"
-                )
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
-    return missing, unexpected
-
-
-def _some(names: list[str], limit: int = 5) -> str:
-    if not names:
-        return "none"
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
 
 
 def make_optimizer(
@@ -224,209 +161,6 @@ def make_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=lr_at(1, config), betas=config.betas, eps=config.eps)
-
-
-# --------------------------------------------------------------------------------------
-# Random generator states (Python, numpy, torch CPU, CUDA)
-# --------------------------------------------------------------------------------------
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        if len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
-        else:
-            log.warning(
-                "checkpoint has CUDA RNG states for a different device count; not restored"
-            )
-
-
-def _rng_to_files(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Split generator states into a JSON part (Python, numpy) and tensors (torch)."""
-    version, internal, gauss = state["python"]
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    as_json = {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-    tensors = {"torch": state["torch"].clone()}
-    for i, cuda_state in enumerate(state.get("cuda", [])):
-        tensors[f"cuda.{i}"] = cuda_state.cpu().clone()
-    return as_json, tensors
-
-
-def _rng_from_files(
-    as_json: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
-) -> dict[str, Any]:
-    version, internal, gauss = as_json["python"]
-    name, keys, pos, has_gauss, cached = as_json["numpy"]
-    state: dict[str, Any] = {
-        "python": (int(version), tuple(int(x) for x in internal), gauss),
-        "numpy": (name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)),
-        "torch": tensors["torch"].to(torch.uint8),
-    }
-    cuda = sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k.split(".")[1]))
-    if cuda:
-        state["cuda"] = [tensors[k].to(torch.uint8) for k in cuda]
-    return state
-
-
-# --------------------------------------------------------------------------------------
-# Checkpoints: one folder, written atomically, no pickle
-# --------------------------------------------------------------------------------------
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def _optimizer_to_files(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-    """Flatten ``optimizer.state_dict()`` to tensors ``state.{idx}.{key}`` + JSON groups."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for idx, per_param in sd["state"].items():
-        for key, value in per_param.items():
-            tensor = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-            tensors[f"state.{idx}.{key}"] = tensor.detach().to("cpu").contiguous().clone()
-    return tensors, _jsonable(sd["param_groups"])
-
-
-def _optimizer_from_files(
-    tensors: Mapping[str, torch.Tensor], param_groups: list[dict[str, Any]]
-) -> dict[str, Any]:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for flat, tensor in tensors.items():
-        _, idx, key = flat.split(".", 2)
-        state.setdefault(int(idx), {})[key] = tensor
-    groups = []
-    for group in param_groups:
-        group = dict(group)
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
-def save_checkpoint(
-    out_dir: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    trainer_state: dict[str, Any],
-) -> Path:
-    """Write ``out_dir/checkpoint/`` atomically and return it.
-
-    Files go into a temporary folder beside it, which then replaces the old checkpoint
-    by two renames; a crash at any moment leaves either the old or the new checkpoint
-    complete (``_recover_checkpoint`` finishes an interrupted swap).
-    """
-    final = out_dir / CHECKPOINT_DIRNAME
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_DIRNAME}.tmp-", dir=out_dir))
-    try:
-        meta = {"format": "pt", "step": str(trainer_state["step"])}
-        save_file(trainable_state_dict(model), tmp / "model.safetensors", metadata=meta)
-        opt_tensors, param_groups = _optimizer_to_files(optimizer)
-        save_file(opt_tensors, tmp / "optimizer.safetensors", metadata=meta)
-        rng_json, rng_tensors = _rng_to_files(_rng_state())
-        save_file(rng_tensors, tmp / "rng_state.safetensors", metadata=meta)
-        state = {**trainer_state, "param_groups": param_groups, "rng": rng_json}
-        # Written last: a folder with trainer_state.json is a complete checkpoint.
-        (tmp / "trainer_state.json").write_text(
-            json.dumps(state, indent=1, sort_keys=True, default=str) + "\n"
-        )
-        old = None
-        if final.exists():
-            old = out_dir / f".{CHECKPOINT_DIRNAME}.old-{os.getpid()}-{time.time_ns()}"
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
-
-
-def _recover_checkpoint(out_dir: Path) -> None:
-    """Remove half-written temp folders; finish a swap interrupted between its renames."""
-    final = out_dir / CHECKPOINT_DIRNAME
-    for tmp in out_dir.glob(f".{CHECKPOINT_DIRNAME}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    olds = sorted(out_dir.glob(f".{CHECKPOINT_DIRNAME}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and not final.exists() and (olds[-1] / "trainer_state.json").exists():
-        os.rename(olds.pop(), final)
-    for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def completed_steps(out_dir: str | os.PathLike[str]) -> int:
-    """The step of the last checkpoint in ``out_dir`` (0 when there is none): a run whose
-    value equals its ``steps`` has finished."""
-    try:
-        return int(json.loads((Path(out_dir) / "checkpoint" / "trainer_state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
-def _load_checkpoint(
-    ckpt: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    param_names: list[str],
-    config: TrainConfig,
-) -> dict[str, Any]:
-    """Restore trainable parameters, optimizer and RNG from ``ckpt``; return its state."""
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        params = load_file(ckpt / "model.safetensors")
-        opt_tensors = load_file(ckpt / "optimizer.safetensors")
-        rng_tensors = load_file(ckpt / "rng_state.safetensors")
-    except (OSError, ValueError) as exc:  # missing file, bad JSON, bad safetensors header
-        raise NetLLMError(f"checkpoint {ckpt} is unreadable or incomplete: {exc}") from None
-    if state.get("format_version") != _CHECKPOINT_FORMAT:
-        raise NetLLMError(f"checkpoint {ckpt}: unknown format {state.get('format_version')!r}")
-
-    load_trainable_state_dict(model, params, strict=True, source=f"checkpoint {ckpt}")
-    if state["param_names"] != param_names:
-        raise NetLLMError(
-            f"checkpoint {ckpt}: the trainable parameters are in a different order than in "
-            "the model, so its optimizer state cannot be matched to them"
-        )
-    if state["config"]["grad_accum"] != config.grad_accum:
-        raise NetLLMError(
-            f"checkpoint {ckpt} was written with grad_accum={state['config']['grad_accum']}, "
-            f"but this run uses grad_accum={config.grad_accum}; the batch indices would not "
-            "line up, so resume with the same value"
-        )
-    try:
-        optimizer.load_state_dict(_optimizer_from_files(opt_tensors, state["param_groups"]))
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise NetLLMError(
-            f"checkpoint {ckpt}: optimizer state does not fit the model: {exc}"
-        ) from None
-    _set_rng_state(_rng_from_files(state["rng"], rng_tensors))
-    return state
 
 
 # --------------------------------------------------------------------------------------
@@ -485,7 +219,7 @@ def _open_tensorboard(out_dir: Path, start_step: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------
-# The loop
+# The pieces of one step
 # --------------------------------------------------------------------------------------
 
 
@@ -504,24 +238,130 @@ def _split_loss(out: Any, step: int) -> tuple[torch.Tensor, dict[str, float]]:
     return loss.reshape(()), {k: float(v) for k, v in dict(metrics).items()}
 
 
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _accumulate_gradients(
+    model: nn.Module,
+    get_batch: Callable[[int], Any],
+    loss_fn: Callable[[nn.Module, Any], Any],
+    step: int,
+    grad_accum: int,
+) -> tuple[float, dict[str, float]]:
+    """Forward/backward over the step's ``grad_accum`` micro-batches.
+
+    Returns the step's loss (mean over micro-batches) and its metrics, summed over the
+    micro-batches. Raises on a non-finite loss (before any update is made).
+    """
+    loss_sum = torch.zeros(())
+    step_metrics: dict[str, float] = {}
+    for micro in range(grad_accum):
+        batch = get_batch((step - 1) * grad_accum + micro)
+        loss, metrics = _split_loss(loss_fn(model, batch), step)
+        (loss / grad_accum).backward()
+        loss_sum = loss_sum.to(loss.device) + loss.detach().float()
+        for key, value in metrics.items():
+            step_metrics[key] = step_metrics.get(key, 0.0) + value
+    loss_value = loss_sum.item() / grad_accum  # one sync per step
+    if not math.isfinite(loss_value):
+        raise NetLLMError(f"loss is {loss_value} at step {step}; stopping (no update made)")
+    return loss_value, step_metrics
+
+
+def _clip_gradients(params: list[nn.Parameter], max_norm: float | None, step: int) -> float:
+    """Clip to ``max_norm`` (None/0: no clipping) and return the norm before clipping."""
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf")))
+    if not math.isfinite(grad_norm):
+        raise NetLLMError(f"gradient norm is {grad_norm} at step {step}; stopping (no update made)")
+    return grad_norm
+
+
 def _run_eval(
     model: nn.Module, eval_fn: Callable[[nn.Module, int], dict[str, float]], step: int
 ) -> dict[str, float]:
     """``eval_fn`` in eval mode, without grad, with its random draws kept out of training."""
-    rng = _rng_state()
+    rng = rng_state()
     model.eval()
     try:
         with torch.no_grad():
             metrics = eval_fn(model, step)
     finally:
         model.train()
-        _set_rng_state(rng)
+        set_rng_state(rng)
     try:
         return {str(k): float(v) for k, v in dict(metrics or {}).items()}
     except (TypeError, ValueError):
         raise NetLLMError(
             f"eval_fn must return a dict of numbers (step {step}); got {metrics!r}"
         ) from None
+
+
+class _Reporter:
+    """Where the loop reports: metrics.csv, TensorBoard, the progress bar, throughput."""
+
+    def __init__(self, out_dir: Path, config: TrainConfig, metrics_csv: _MetricsCsv,
+                 start_step: int, elapsed_before: float) -> None:
+        self.config, self.metrics_csv, self.elapsed_before = config, metrics_csv, elapsed_before
+        self.writer = _open_tensorboard(out_dir, start_step) if config.tensorboard else None
+        self.bar = tqdm(
+            total=config.steps, initial=start_step, disable=not config.progress,
+            desc="train", unit="step", dynamic_ncols=True,
+        )
+        self.t_start = time.perf_counter()
+        self.interval_s, self.interval_counts = 0.0, dict.fromkeys(_COUNT_METRICS, 0.0)
+
+    def elapsed(self) -> float:
+        """Training wall time, including the time before a resume."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def count(self, metrics: dict[str, float], seconds: float) -> dict[str, float]:
+        """Add a step's time and counts (``tokens``, ``samples``) to the throughput
+        interval; return its other metrics, averaged over its micro-batches."""
+        self.interval_s += seconds
+        rest = dict(metrics)
+        for key in _COUNT_METRICS:
+            self.interval_counts[key] += rest.pop(key, 0.0)
+        return {k: v / self.config.grad_accum for k, v in rest.items()}
+
+    def row(self, step: int, loss: float, lr: float, grad_norm: float,
+            means: dict[str, float]) -> dict[str, Any]:
+        """The metrics row of a step (throughput over the steps since the last row)."""
+        row: dict[str, Any] = {
+            "step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "elapsed_s": round(self.elapsed(), 3),
+        }
+        for key in _COUNT_METRICS:
+            if self.interval_counts[key] and self.interval_s > 0:
+                row[f"{key}_per_s"] = self.interval_counts[key] / self.interval_s
+        row.update(means)
+        return row
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Write one row (CSV, TensorBoard) and start a new throughput interval."""
+        self.interval_s, self.interval_counts = 0.0, dict.fromkeys(_COUNT_METRICS, 0.0)
+        self.metrics_csv.append(row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.writer.add_scalar(tag, value, row["step"])
+        self.bar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}", refresh=False)
+
+    def advance(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
 
 
 def train(
@@ -552,131 +392,65 @@ def train(
     optimizer = make_optimizer(params, config)
     was_training = model.training
 
-    # -- start fresh or resume -------------------------------------------------------
-    _recover_checkpoint(out_dir)
-    ckpt = out_dir / CHECKPOINT_DIRNAME
-    start_step, last_loss, elapsed_before = 0, float("nan"), 0.0
-    if resume and ckpt.exists():
-        state = _load_checkpoint(ckpt, model, optimizer, param_names, config)
-        start_step, last_loss = int(state["step"]), float(state["loss"])
-        elapsed_before = float(state["elapsed_s"])
-        log.info("resuming from %s at step %d", ckpt, start_step)
-    else:
-        if ckpt.exists():
-            raise NetLLMError(
-                f"{out_dir} already holds a checkpoint ({ckpt}); resume it or use another folder"
-            )
-        if resume:
-            log.info("no checkpoint in %s; starting fresh", out_dir)
+    # -- start fresh or resume ---------------------------------------------------------
+    resumed = resume_checkpoint(out_dir, model, optimizer, param_names,
+                                grad_accum=config.grad_accum, resume=resume)
+    if resumed is None:
         seed_everything(config.seed)
-
+        start_step, last_loss, elapsed_before = 0, float("nan"), 0.0
+    else:
+        start_step, last_loss = int(resumed["step"]), float(resumed["loss"])
+        elapsed_before = float(resumed["elapsed_s"])
+    ckpt = out_dir / CHECKPOINT_DIRNAME
     metrics_csv = _MetricsCsv(out_dir / METRICS_FILENAME, keep_through_step=start_step)
     if start_step >= config.steps:
         log.info("checkpoint is at step %d >= steps=%d; nothing to do", start_step, config.steps)
         return TrainResult(start_step, last_loss, metrics_csv.path, elapsed_before, ckpt)
 
-    trainer_state = {
-        "format_version": _CHECKPOINT_FORMAT,
-        "param_names": param_names,
-        "config": asdict(config),
-        "provenance": provenance(),
-    }
-    writer = _open_tensorboard(out_dir, start_step) if config.tensorboard else None
-    bar = tqdm(
-        total=config.steps, initial=start_step, disable=not config.progress,
-        desc="train", unit="step", dynamic_ncols=True,
-    )
+    # -- the steps ---------------------------------------------------------------------
+    trainer_state = new_trainer_state(param_names, asdict(config))
     trainable = [p for _, p in params]
-    clip = config.clip_grad_norm if config.clip_grad_norm else float("inf")
-    t_start = time.perf_counter()
-    interval_s, interval_counts = 0.0, dict.fromkeys(_COUNT_METRICS, 0.0)
-    steps_done, ckpt_step = start_step, start_step if ckpt.exists() else None
-
+    report = _Reporter(out_dir, config, metrics_csv, start_step, elapsed_before)
+    steps_done, ckpt_step = start_step, (start_step if resumed is not None else None)
     try:
         model.train()
         for step in range(start_step + 1, config.steps + 1):
             t_step = time.perf_counter()
-            lr = lr_at(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-
-            # -- forward/backward over grad_accum micro-batches --------------------------
-            loss_sum = torch.zeros(())
-            step_metrics: dict[str, float] = {}
-            for micro in range(config.grad_accum):
-                batch = get_batch((step - 1) * config.grad_accum + micro)
-                loss, metrics = _split_loss(loss_fn(model, batch), step)
-                (loss / config.grad_accum).backward()
-                loss_sum = loss_sum.to(loss.device) + loss.detach().float()
-                for key, value in metrics.items():
-                    step_metrics[key] = step_metrics.get(key, 0.0) + value
-            loss_value = loss_sum.item() / config.grad_accum  # one sync per step
-            if not math.isfinite(loss_value):
-                raise NetLLMError(f"loss is {loss_value} at step {step}; stopping (no update made)")
-
-            # -- clip, update ---------------------------------------------------------------
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-            if not math.isfinite(grad_norm):
-                raise NetLLMError(
-                    f"gradient norm is {grad_norm} at step {step}; stopping (no update made)"
-                )
+            lr = _set_lr(optimizer, lr_at(step, config))
+            loss, metrics = _accumulate_gradients(model, get_batch, loss_fn, step, config.grad_accum)
+            grad_norm = _clip_gradients(trainable, config.clip_grad_norm, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            steps_done, last_loss = step, loss_value
-            interval_s += time.perf_counter() - t_step
-            for key in _COUNT_METRICS:
-                interval_counts[key] += step_metrics.pop(key, 0.0)
+            steps_done, last_loss = step, loss
+            means = report.count(metrics, time.perf_counter() - t_step)
 
-            # -- log / eval -----------------------------------------------------------------
             is_last = step == config.steps
-            do_eval = eval_fn is not None and (
-                is_last or (config.eval_every and step % config.eval_every == 0)
+            evaluate = eval_fn is not None and (
+                is_last or bool(config.eval_every and step % config.eval_every == 0)
             )
-            if step % config.log_every == 0 or do_eval or is_last:
-                row: dict[str, Any] = {
-                    "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
-                    "elapsed_s": round(elapsed_before + time.perf_counter() - t_start, 3),
-                }
-                for key in _COUNT_METRICS:
-                    if interval_counts[key] and interval_s > 0:
-                        row[f"{key}_per_s"] = interval_counts[key] / interval_s
-                row.update({k: v / config.grad_accum for k, v in step_metrics.items()})
-                interval_s, interval_counts = 0.0, dict.fromkeys(_COUNT_METRICS, 0.0)
-                if do_eval:
+            if evaluate or is_last or step % config.log_every == 0:
+                row = report.row(step, loss, lr, grad_norm, means)
+                if evaluate:
                     assert eval_fn is not None
-                    eval_metrics = _run_eval(model, eval_fn, step)
-                    row.update({f"eval_{k}": v for k, v in eval_metrics.items()})
-                metrics_csv.append(row)
-                if writer is not None:
-                    for key, value in row.items():
-                        if key != "step":
-                            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                            writer.add_scalar(tag, value, step)
-                bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
+                    row.update({f"eval_{k}": v for k, v in _run_eval(model, eval_fn, step).items()})
+                report.write(row)
+            report.advance()
 
-            # -- checkpoint -------------------------------------------------------------------
-            periodic = config.checkpoint_every and step % config.checkpoint_every == 0
-            if periodic or is_last:
-                trainer_state.update(
-                    step=step, loss=loss_value,
-                    elapsed_s=elapsed_before + time.perf_counter() - t_start,
-                )
+            if is_last or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                trainer_state.update(step=step, loss=loss, elapsed_s=report.elapsed())
                 save_checkpoint(out_dir, model, optimizer, trainer_state)
                 ckpt_step = step
             if stop_after is not None and step >= stop_after:
                 log.info("stop_after=%d reached: stopping as if interrupted", stop_after)
                 break
     finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
+        report.close()
         model.train(was_training)
 
     return TrainResult(
         steps_done=steps_done,
         final_loss=last_loss,
         metrics_csv=metrics_csv.path,
-        elapsed_s=elapsed_before + time.perf_counter() - t_start,
+        elapsed_s=report.elapsed(),
         checkpoint_dir=ckpt if ckpt_step is not None else None,
     )

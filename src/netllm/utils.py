@@ -1,14 +1,18 @@
-"""Small shared pieces: the user-facing error, seeding, atomic writes, run folders."""
+"""Small shared pieces: the user-facing error, seeding, thread control, atomic writes,
+strict JSON, run folders."""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import platform
 import random
 import subprocess
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
@@ -30,6 +34,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run a block with ``n`` intra-op torch threads (None: leave as is), then restore."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @contextmanager
@@ -61,8 +79,52 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _non_finite_at(obj: Any, where: str = "") -> str | None:
+    """The key path (``a.b[2]``) of the first NaN/Infinity float in ``obj``, else None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (where or "<top level>")
+    if isinstance(obj, dict):
+        items: Any = ((f"{where}.{k}" if where else str(k), v) for k, v in obj.items())
+    elif isinstance(obj, (list, tuple)):
+        items = ((f"{where}[{i}]", v) for i, v in enumerate(obj))
+    else:
+        return None
+    for sub, value in items:
+        found = _non_finite_at(value, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def strict_json_dumps(obj: Any, *, path: str | os.PathLike[str] | None = None, indent: int | None = 2,
+                      sort_keys: bool = True) -> str:
+    """``json.dumps`` that only writes standard JSON (``allow_nan=False``).
+
+    NaN and +-Infinity have no JSON spelling (Python would write ``NaN``/``Infinity``,
+    which strict parsers reject), so a non-finite float raises ``NetLLMError`` naming
+    ``path`` and the key that holds it; nothing is converted silently. Objects JSON does
+    not know (paths, numpy scalars...) are written as ``str()``.
+    """
+    try:
+        return json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str, allow_nan=False)
+    except ValueError:
+        key = _non_finite_at(obj)
+        if key is None:  # another ValueError (e.g. a circular reference): not ours to reword
+            raise
+        target = f"{path}: " if path is not None else ""
+        raise NetLLMError(
+            f"{target}cannot write a non-finite number (NaN or Infinity) at {key!r} as JSON; "
+            "strict JSON has no spelling for it: write null (None) or leave the key out"
+        ) from None
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write ``obj`` as standard JSON (sorted keys, indent 2), atomically.
+
+    A NaN or Infinity anywhere in ``obj`` raises ``NetLLMError`` (see
+    :func:`strict_json_dumps`) and leaves ``path`` untouched.
+    """
+    atomic_write_text(path, strict_json_dumps(obj, path=path) + "\n")
 
 
 def cache_dir() -> Path:
@@ -159,3 +221,48 @@ def resolve_device(device: str = "auto") -> torch.device:
     ):
         raise NetLLMError(f"--device: {device!r} requested but MPS is not available")
     return dev
+
+
+# ----------------------------------------------------------------------------- dirty data files
+
+DATA_LOG = logging.getLogger("netllm.data")
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A data file a loader left out, and why (``reason`` is one line, without the path)."""
+
+    path: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+class BadDataFile(NetLLMError):
+    """A data file whose content cannot be used (bad row, time going backwards, too short).
+
+    Loaders skip such a file with a warning unless ``strict``; the message is
+    ``<path>:<line>: <reason>`` (or ``<path>: <reason>``), on one line.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, line: int | None = None) -> None:
+        self.path = str(path)
+        self.reason = reason if line is None else f"line {line}: {reason}"
+        super().__init__(f"{path}: {reason}" if line is None else f"{path}:{line}: {reason}")
+
+
+def skip_bad_file(error: BadDataFile, skipped: list[SkippedFile], strict: bool = False) -> None:
+    """Record ``error`` in ``skipped`` and log one WARNING line on "netllm.data";
+    re-raise it instead when ``strict``."""
+    if strict:
+        raise error
+    skipped.append(SkippedFile(error.path, " ".join(error.reason.split())))
+    DATA_LOG.warning("skipped %s: %s", error.path, skipped[-1].reason)
+
+
+def all_skipped_error(where: str, skipped: list[SkippedFile]) -> NetLLMError:
+    """The error for a folder / selection in which every file was skipped."""
+    n, first = len(skipped), skipped[0]
+    files = "file was" if n == 1 else "files were"
+    return NetLLMError(f"{where}: all {n} {files} skipped; first: {first.path}: {first.reason}")

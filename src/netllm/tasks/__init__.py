@@ -1,26 +1,9 @@
-"""Registry of the networking tasks: ``tasks/<name>/`` exposes ``TASK``."""
+"""The built-in networking tasks, one folder each with the same file roles:
 
-from __future__ import annotations
+    <sim or dataset>.py   the environment or the data set
+    baselines.py          the policies NetLLM is compared with
+    policy.py / task.py   the NetLLM policy and the Task (options, commands)
 
-import importlib
-import pkgutil
-from pathlib import Path
-
-from netllm.tasks.base import Task
-from netllm.utils import NetLLMError
-
-
-def available_tasks() -> list[str]:
-    """Names of the task folders installed in this package."""
-    here = Path(__file__).parent
-    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if m.ispkg)
-
-
-def get_task(name: str) -> Task:
-    """The task ``name``, or a one-line error listing the installed ones."""
-    names = available_tasks()
-    if name not in names:
-        listed = ", ".join(names) if names else "none installed yet"
-        raise NetLLMError(f"unknown task {name!r}; available tasks: {listed}")
-    module = importlib.import_module(f"netllm.tasks.{name}")
-    return module.TASK
+Tasks are found through the entry-point group ``netllm.tasks`` (see ``netllm.registry``);
+these register there like any third-party task.
+"""

@@ -1,9 +1,24 @@
-"""The Task interface every use case implements.
+"""The Task interface: exactly what the framework and the CLI call.
 
-A new networking task is ONE folder ``tasks/<name>/`` whose ``__init__.py`` exposes
-``TASK``, an instance of a :class:`Task` subclass. It declares its modalities (encoder
-specs), its head(s), its data or environment, its baselines and its metric; the
-framework (backbone, encoders, heads, model, rl, train, cli) stays unchanged.
+A task is a :class:`Task` subclass registered under the entry-point group
+``netllm.tasks`` (the built-in ones too, in this package's pyproject.toml)::
+
+    [project.entry-points."netllm.tasks"]
+    bwpred = "netllm_bwpred:TASK"
+
+It declares
+
+* its options, one typed dataclass per command — ``Recipe`` (adapt), ``EvalOptions``
+  (eval), ``CollectOptions`` (collect, decision tasks), ``BenchOptions`` (bench) — from
+  which the CLI builds ``netllm <command> <task> --help``; every default lives there;
+* its data sets (``datasets``: fetch groups with their upstream folders, ``manifest``:
+  the sha256 list, ``post_fetch``: a step after fetching);
+* its model (``model_config``), its baselines and how a run folder becomes a policy;
+* the commands: ``evaluate`` (every task), ``adapt`` (every task), ``collect`` (decision
+  tasks), ``bench`` and ``demo`` (optional).
+
+The CLI checks every option (``Options.check``) and prepares the run folder before it
+calls a command, so a command never sees a bad value.
 
 Policies share one call shape per task kind, so a baseline, a trained adapter and a
 served model are interchangeable in ``eval`` and ``bench``:
@@ -16,12 +31,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Literal, Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal, Protocol
 
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
+from netllm.options import Options
+from netllm.recipe import Recipe
+from netllm.utils import NetLLMError
 
 if TYPE_CHECKING:
+    from netllm.data import DataGroup
     from netllm.model import NetLLMConfig
 
 
@@ -66,18 +86,46 @@ class Metrics:
                 "seeds": sorted(self.per_seed), "per_seed": self.per_seed, **self.parts}
 
 
+@dataclass
+class NoOptions(Options):
+    """A command without task-specific options."""
+
+
 class Task(ABC):
     """A networking use case: what goes into the LLM, what comes out, how it is judged."""
 
-    name: str
-    kind: Literal["prediction", "decision"]
-    metric: str
-    higher_is_better: bool
+    name: ClassVar[str]
+    kind: ClassVar[Literal["prediction", "decision"]]
+    metric: ClassVar[str]
+    higher_is_better: ClassVar[bool]
+    summary: ClassVar[str] = ""  # one line for `netllm --help`
+    has_demo: ClassVar[bool] = False  # `netllm demo` runs :meth:`demo`
+
+    # one typed options dataclass per command (the CLI is built from them)
+    Recipe: ClassVar[type[Recipe]] = Recipe  # the adaptation's hyper-parameters
+    AdaptOptions: ClassVar[type[Recipe]] = Recipe  # netllm adapt: the recipe + its inputs (pools)
+    EvalOptions: ClassVar[type[Options]] = NoOptions
+    CollectOptions: ClassVar[type[Options] | None] = None  # decision tasks: netllm collect
+    BenchOptions: ClassVar[type[Options] | None] = None  # netllm bench <task>
+
+    # -- data ---------------------------------------------------------------------------
+
+    def datasets(self) -> tuple["DataGroup", ...]:
+        """The task's data set groups (``netllm data fetch <task>`` fetches them)."""
+        return ()
+
+    def manifest(self) -> str:
+        """``sha256  path`` lines of every file of :meth:`datasets` (empty: none)."""
+        return ""
+
+    def post_fetch(self, root: Path) -> None:
+        """A step after the task's files were fetched into ``root`` (idempotent)."""
+
+    # -- model and policies -------------------------------------------------------------
 
     @abstractmethod
-    def model_config(self) -> "NetLLMConfig":
-        """The task's default NetLLM model (modalities, heads, RL spec); :meth:`encoders`
-        and :meth:`heads` read it."""
+    def model_config(self, recipe: Recipe | None = None) -> "NetLLMConfig":
+        """The NetLLM model of ``recipe`` (default: the task's default recipe)."""
 
     def encoders(self) -> list[EncoderSpec]:
         """The modalities of one sample / one decision step, in token order."""
@@ -88,9 +136,36 @@ class Task(ABC):
         return self.model_config().heads
 
     @abstractmethod
-    def baselines(self) -> dict[str, Callable[..., Any]]:
-        """Baseline name -> factory of a policy with the task's call shape."""
+    def baselines(self) -> dict[str, Callable[[Any], Any]]:
+        """Baseline name -> factory of a policy (given the evaluation options)."""
 
     @abstractmethod
-    def evaluate(self, policy: Any, seeds: list[int], **options: Any) -> Metrics:
-        """Run ``policy`` on the task's evaluation setting for each seed."""
+    def policy_from_run(self, folder: Path, options: Any, device: str = "auto") -> Any:
+        """The policy of a run folder (a NetLLM adapter, or another run of this task);
+        a NetLLMError naming the folder if it is none."""
+
+    # -- commands -------------------------------------------------------------------------
+
+    @abstractmethod
+    def evaluate(self, policies: dict[str, Any], seeds: list[int], options: Any, out: Path) -> dict[str, Metrics]:
+        """Run every policy on the evaluation setting of ``options`` for each seed and
+        write the results (table, results.json, rows.csv, plots) into ``out``."""
+
+    @abstractmethod
+    def adapt(self, out: Path, recipe: Any, device: str = "auto", resume: bool = False) -> Path:
+        """DD-LRNA by ``recipe`` into the run folder ``out``; returns the adapter folder."""
+
+    def collect(self, policies: list[str], seeds: list[int], options: Any, out: Path) -> Path:
+        """Decision tasks: an experience pool of ``policies`` into ``out``; returns its path."""
+        raise NetLLMError(f"task {self.name!r} is a {self.kind} task: it collects no experience pool")
+
+    def bench(self, options: Any, out: Path, device: str = "auto") -> dict[str, Any]:
+        """The whole pipeline against the baselines; finished stages are reused."""
+        raise NetLLMError(f"task {self.name!r} has no benchmark")
+
+    def demo(self, device: str = "auto") -> Any:
+        """A small end-to-end run against the baselines (``has_demo``)."""
+        raise NetLLMError(f"task {self.name!r} has no demo")
+
+    def check_adapt(self, recipe: Any) -> None:
+        """Checks of an adaptation's inputs (files named by the recipe) before any work."""

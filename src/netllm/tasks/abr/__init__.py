@@ -7,18 +7,14 @@
     task.py        NetLLM for ABR: state tokens, evaluation, pools, adaptation
 """
 
-from pathlib import Path
+import gymnasium
 
-from netllm import data
-from netllm.tasks.abr.task import ABRTask
+from netllm.tasks.abr.task import TASK
 
+# Gymnasium ids, once per process (the environment module loads on the first make)
+if "netllm/ABR-v0" not in gymnasium.registry:
+    gymnasium.register(id="netllm/ABR-v0", entry_point="netllm.tasks.abr.env:ABREnv",
+                       vector_entry_point="netllm.tasks.abr.env:make_batch_env")
 
-def _convert_checkpoints(root: Path) -> None:
-    from netllm.tasks.abr.checkpoint import convert_all
+__all__ = ["TASK"]
 
-    convert_all(root)
-
-
-data.POST_FETCH.setdefault("abr", _convert_checkpoints)
-
-TASK = ABRTask()

@@ -4,7 +4,7 @@
     obs, info = env.reset(seed)
     policy.reset(env, seed)
     while True:
-        obs, reward, done, info = env.step(policy.act(obs, info))
+        obs, reward, done, _, info = env.step(policy.act(obs, info))
         if done.all(): break
 
 * :class:`BBA` — buffer-based: level 0 below the 5 s reservoir, the top level above

@@ -3,8 +3,11 @@
     env = BatchABREnv(load_traces("fcc-test"), load_video("video1"))
     obs, info = env.reset(seed=1)            # every env has fetched chunk 0 at level 0
     while True:
-        obs, reward, done, info = env.step(levels)   # levels: (N,) int in 0..5
-        if done.all(): break
+        obs, reward, terminated, truncated, info = env.step(levels)   # levels: (N,) int in 0..5
+        if terminated.all(): break
+
+    env = gymnasium.make("netllm/ABR-v0")    # one trace (ABREnv), after `import netllm.tasks.abr`
+    envs = gymnasium.make_vec("netllm/ABR-v0", num_envs=8)   # BatchABREnv over 8 traces
 
 One step downloads the next chunk of every env. Per env (all in numpy over N):
 
@@ -27,17 +30,34 @@ other traces of the batch. ``trace_ids`` default to the positions ``0..N-1``.
 Upstream NetLLM's own test run (``run_baseline.py`` on all of fcc-test) is the special
 case ``noise=False, start_indices=upstream_start_indices("fcc-test")``: fixed start
 positions from the data set's ``mahimahi_ptrs.pkl`` and no noise.
+
+Gymnasium: :class:`ABREnv` is a ``gymnasium.Env`` (action ``Discrete(6)``, observation
+:func:`observation_space`) and :class:`BatchABREnv` a ``gymnasium.vector.VectorEnv``
+(``MultiDiscrete([6] * N)`` actions, ``(N, 6, 6)`` observations, arrays of rewards /
+terminated / truncated). Every session of a batch plays the same video, so all of them
+end on the same step; the batch does not reset itself (autoreset mode ``DISABLED``).
+Both are registered as ``netllm/ABR-v0`` (``make`` builds an :class:`ABREnv`,
+``make_vec`` a :class:`BatchABREnv` through :func:`make_batch_env`); their make keyword
+arguments (``trace``, ``video``, ``trace_id``, ``noise``...) are resolved by
+:func:`resolve_traces` / :func:`resolve_video`.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
 
+import gymnasium
 import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode, VectorEnv
+from gymnasium.vector.utils import batch_space
 
-from netllm.tasks.abr.traces import BITRATES_KBPS, CHUNK_S, NUM_LEVELS, Trace, Video
+from netllm.tasks.abr.traces import (BITRATES_KBPS, CHUNK_S, NUM_LEVELS, Trace, Video, load_traces,
+                                     load_video, synthetic_traces, synthetic_video)
 from netllm.utils import NetLLMError
 
 PAYLOAD_FRACTION = 0.95
@@ -52,6 +72,16 @@ HISTORY = 6  # observation columns
 BUFFER_NORM_S = 10.0
 CHUNKS_LEFT_CAP = 48
 BITRATES_MBPS = BITRATES_KBPS.astype(np.float64) / 1000.0
+
+# What the Gymnasium entry points play when not told (see resolve_traces / resolve_video).
+DEFAULT_TRACE_SET = "fcc-train"
+DEFAULT_VIDEO = "video1"
+SYNTHETIC = "synthetic"
+SYNTHETIC_TRACE_SEED = 1  # the generated training traces of ABRTask's demo data
+SYNTHETIC_VIDEO_SEED = 0
+
+TraceSpec = Union[Trace, Sequence[Trace], str, os.PathLike[str], None]
+VideoSpec = Union[Video, str, os.PathLike[str], None]
 
 INFO_KEYS = (
     "bitrate_mbps", "rebuffer_s", "smoothness_mbps", "delay_ms", "buffer_s", "chunk_index",
@@ -82,8 +112,88 @@ def _first_greater(table: np.ndarray, rows: np.ndarray, values: np.ndarray, lo: 
         lo = np.where(active & ~greater, mid + 1, lo)
 
 
-class BatchABREnv:
-    """N independent ABR sessions, one per trace, stepped together (see module doc)."""
+def observation_space() -> spaces.Box:
+    """The space of one session's observation: float32 ``(6, 6)``, Pensieve's state.
+
+    Rows (columns are the last 6 chunks, oldest first, except row 4):
+    0 bitrate of the chunk / 4300 kbps (in [0, 1]); 1 buffer (s) / 10 (in [0, 6], the buffer
+    never exceeds 60 s); 2 measured throughput in MB/s (bytes per ms / 1000); 3 download
+    delay (s) / 10; 4 the next chunk's size at each of the 6 levels in MB (10^6 bytes);
+    5 chunks left / 48, capped at 1. Rows 2-4 have no upper bound.
+    """
+    low = np.zeros((NUM_LEVELS, HISTORY), dtype=np.float32)
+    high = np.full((NUM_LEVELS, HISTORY), np.inf, dtype=np.float32)
+    high[0] = 1.0
+    high[1] = BUFFER_THRESHOLD_MS / 1000.0 / BUFFER_NORM_S
+    high[5] = 1.0
+    return spaces.Box(low=low, high=high, dtype=np.float32)
+
+
+def _index(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise NetLLMError(f"{name}: must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def resolve_traces(spec: TraceSpec = None, count: int = 1) -> list[Trace]:
+    """The trace set the Gymnasium entry points play from, at least ``count`` traces long.
+
+    ``None``: ``fcc-train`` from ``$NETLLM_DATA`` when that variable is set, otherwise
+    ``"synthetic"``. ``"synthetic"``: ``count`` generated traces
+    (``synthetic_traces(count, seed=SYNTHETIC_TRACE_SEED)``; trace ``i`` does not depend on
+    ``count``). Any other string or path: :func:`load_traces` (``fcc-train`` |
+    ``fcc-valid`` | ``fcc-test`` from the data root, or a folder or file of traces). A
+    :class:`Trace` or a sequence of them: used as given.
+    """
+    count = _index(count, "count")
+    if spec is None:
+        spec = DEFAULT_TRACE_SET if os.environ.get("NETLLM_DATA") else SYNTHETIC
+    if isinstance(spec, Trace):
+        traces = [spec]
+    elif isinstance(spec, str) and spec == SYNTHETIC:
+        traces = synthetic_traces(count, seed=SYNTHETIC_TRACE_SEED)
+    elif isinstance(spec, (str, os.PathLike)):
+        traces = load_traces(spec)
+    else:
+        traces = list(spec)
+    if len(traces) < count:
+        raise NetLLMError(f"trace set {_describe(spec)}: has {len(traces)} traces, {count} needed")
+    return traces
+
+
+def resolve_video(spec: VideoSpec = None) -> Video:
+    """The video the Gymnasium entry points play.
+
+    ``None``: ``video1`` from ``$NETLLM_DATA`` when that variable is set, otherwise
+    ``"synthetic"`` (``synthetic_video(seed=SYNTHETIC_VIDEO_SEED)``, 48 chunks of 4 s).
+    Any other string or path: :func:`load_video`; a :class:`Video`: used as given.
+    """
+    if spec is None:
+        spec = DEFAULT_VIDEO if os.environ.get("NETLLM_DATA") else SYNTHETIC
+    if isinstance(spec, Video):
+        return spec
+    if isinstance(spec, str) and spec == SYNTHETIC:
+        return synthetic_video(seed=SYNTHETIC_VIDEO_SEED)
+    return load_video(spec)
+
+
+def _describe(spec: Any) -> str:
+    return repr(str(spec)) if isinstance(spec, (str, os.PathLike)) else f"of {type(spec).__name__}"
+
+
+class BatchABREnv(VectorEnv[np.ndarray, np.ndarray, np.ndarray]):
+    """N independent ABR sessions, one per trace, stepped together (see module doc).
+
+    A ``gymnasium.vector.VectorEnv``: ``single_observation_space`` is
+    :func:`observation_space`, ``single_action_space`` ``Discrete(6)`` (bitrate level,
+    300 .. 4300 kbps); ``observation_space`` / ``action_space`` are their batches over N.
+    ``step`` returns ``(obs (N, 6, 6) float32, reward (N,) float64 QoE per chunk,
+    terminated (N,) bool, truncated (N,) bool (always False), info)``, info holding one
+    (N,) array per :data:`INFO_KEYS` entry. No autoreset: after the last chunk every
+    session is terminated and ``reset`` must be called.
+    """
+
+    metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.DISABLED}
 
     def __init__(
         self,
@@ -160,6 +270,11 @@ class BatchABREnv:
         self._period_s = cycle_t[self._rows, self._len - 1]
         self._cycle_bytes = cum[self._rows, self._len - 1]
         self._started = False
+        self._next_seed = 0
+        self.single_observation_space = observation_space()
+        self.single_action_space = spaces.Discrete(NUM_LEVELS)
+        self.observation_space = batch_space(self.single_observation_space, n)
+        self.action_space = batch_space(self.single_action_space, n)
 
     # ------------------------------------------------------------------ simulation
 
@@ -255,10 +370,29 @@ class BatchABREnv:
 
     # ------------------------------------------------------------------ public API
 
-    def reset(self, seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Start one episode per trace; chunk 0 is fetched at level 0 (not scored)."""
+    def reset(
+        self, seed: int | None = None, options: Mapping[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Start one episode per trace; chunk 0 is fetched at level 0 (not scored).
+
+        ``seed=None`` uses the previous seed + 1 (0 at first), so episodes stay
+        reproducible. ``options`` may hold Gymnasium's ``reset_mask`` (N,) bool; the
+        sessions share one chunk clock, so only a mask of all True (a full reset) is
+        accepted.
+        """
+        if seed is None:
+            seed = self._next_seed
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise NetLLMError(f"seed: must be a non-negative integer, got {seed!r}")
+        if options is not None and "reset_mask" in options:
+            mask = np.asarray(options["reset_mask"])
+            if mask.shape != (self.num_envs,) or mask.dtype != bool or not mask.all():
+                raise NetLLMError(
+                    "reset options: reset_mask must be all True with shape "
+                    f"({self.num_envs},); the sessions of a batch can only be reset together"
+                )
+        super().reset(seed=int(seed))  # Gymnasium's np_random (the simulator uses its own streams)
+        self._next_seed = int(seed) + 1
         n = self.num_envs
         ptr = np.ones(n, dtype=np.int64)
         noise = np.ones((n, self.num_chunks))
@@ -282,16 +416,24 @@ class BatchABREnv:
         self._started = True
         return self._state.astype(np.float32), info
 
-    def step(self, levels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Download the next chunk of every env at ``levels`` (shape (N,), ints in 0..5)."""
+    def step(
+        self, levels: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Download the next chunk of every env at ``levels`` (shape (N,), ints in 0..5).
+
+        Returns ``(obs, reward, terminated, truncated, info)``: reward is the QoE of the
+        chunk (Mbps-scaled, see :func:`qoe`); terminated is True for every session once
+        the video's last chunk is fetched; truncated is always False.
+        """
         if not self._started:
             raise NetLLMError("ABR env: call reset(seed) before step()")
         if self._chunk >= self.num_chunks:
-            raise NetLLMError("ABR env: the episode is over (done); call reset(seed) to start another")
+            raise NetLLMError("ABR env: the episode is over (terminated); call reset(seed) to start another")
         levels = self._check_levels(levels)
         reward, info = self._fetch(levels)
-        done = np.full(self.num_envs, self._chunk >= self.num_chunks)
-        return self._state.astype(np.float32), reward, done, info
+        terminated = np.full(self.num_envs, self._chunk >= self.num_chunks)
+        truncated = np.zeros(self.num_envs, dtype=bool)
+        return self._state.astype(np.float32), reward, terminated, truncated, info
 
     def _check_levels(self, levels: Any) -> np.ndarray:
         arr = np.asarray(levels)
@@ -321,35 +463,71 @@ class BatchABREnv:
         for key in ("_ptr", "_pos_s", "_buffer_ms", "_last_level", "_state"):
             if key in self.__dict__:
                 setattr(new, key, getattr(self, key).copy())
+        if self.__dict__.get("_np_random") is not None:
+            new._np_random = copy.deepcopy(self._np_random)
         return new
 
 
-class ABREnv:
-    """A Gymnasium-style view of one trace (``reset(seed)`` / ``step(level)``)."""
+class ABREnv(gymnasium.Env[np.ndarray, np.int64]):
+    """One trace as a ``gymnasium.Env`` (``reset(seed)`` / ``step(level)``).
 
+    Action: ``Discrete(6)``, the bitrate level of the next chunk (300 .. 4300 kbps).
+    Observation: :func:`observation_space`. Reward: the chunk's QoE (:func:`qoe`: Mbps
+    minus 4.3 per stalled second minus the bitrate change in Mbps). ``terminated`` once
+    the video's last chunk is fetched (47 steps for a 48-chunk video), ``truncated``
+    never. ``info``: one Python scalar per :data:`INFO_KEYS` entry.
+
+    ``trace`` is a :class:`Trace`, or a trace set (see :func:`resolve_traces`; ``None``
+    picks real or generated traces) from which trace number ``trace_id`` is played.
+    ``video``: see :func:`resolve_video`. ``trace_id`` also keys the random streams, so
+    the episode equals session ``trace_id`` of a :class:`BatchABREnv` over the set.
+    Other keywords (``noise``, ``random_start``, ``start_indices``) go to BatchABREnv.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
     n_actions = NUM_LEVELS
     observation_shape = (NUM_LEVELS, HISTORY)
 
-    def __init__(self, trace: Trace, video: Video, *, trace_id: int = 0, **kw: Any) -> None:
+    def __init__(self, trace: TraceSpec = None, video: VideoSpec = None, *, trace_id: int = 0,
+                 **kw: Any) -> None:
+        trace_id = _index(trace_id, "trace_id")
+        if not isinstance(trace, Trace):
+            trace = resolve_traces(trace, trace_id + 1)[trace_id]
+        video = resolve_video(video)
         self._env = BatchABREnv([trace], video, trace_ids=[trace_id], **kw)
         self.trace = trace
         self.video = video
-        self._next_seed = 0
+        self.observation_space = self._env.single_observation_space
+        self.action_space = self._env.single_action_space
 
-    def reset(self, seed: int | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Start an episode; ``seed=None`` uses the previous seed + 1 (0 at first)."""
-        if seed is None:
-            seed = self._next_seed
+    def reset(self, seed: int | None = None, options: Mapping[str, Any] | None = None
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode; ``seed=None`` uses the previous seed + 1 (0 at first).
+        ``options``: unused."""
         obs, info = self._env.reset(seed)
-        self._next_seed = int(seed) + 1
+        super().reset(seed=self._env.np_random_seed)  # Gymnasium's np_random (the simulator has its own)
         return obs[0], _scalars(info)
 
     def step(self, level: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Fetch the next chunk at ``level`` (int in 0..5)."""
         if isinstance(level, bool) or not isinstance(level, (int, np.integer)) \
                 or not 0 <= int(level) < NUM_LEVELS:
             raise NetLLMError(f"action: level must be an int in 0..{NUM_LEVELS - 1}, got {level!r}")
-        obs, reward, done, info = self._env.step(np.array([int(level)]))
-        return obs[0], float(reward[0]), bool(done[0]), False, _scalars(info)
+        obs, reward, terminated, _, info = self._env.step(np.array([int(level)]))
+        return obs[0], float(reward[0]), bool(terminated[0]), False, _scalars(info)
+
+
+def make_batch_env(num_envs: int = 1, trace: TraceSpec = None, video: VideoSpec = None, *,
+                   trace_id: int = 0, **kw: Any) -> BatchABREnv:
+    """``gymnasium.make_vec("netllm/ABR-v0", num_envs=N, ...)``: a :class:`BatchABREnv` over
+    traces ``trace_id .. trace_id + N - 1`` of the trace set ``trace`` (same keywords as
+    :class:`ABREnv`, whose episode on trace ``k`` equals session ``k - trace_id`` here)."""
+    num_envs, trace_id = _index(num_envs, "num_envs"), _index(trace_id, "trace_id")
+    if num_envs < 1:
+        raise NetLLMError("num_envs: must be >= 1")
+    traces = resolve_traces(trace, trace_id + num_envs)[trace_id:trace_id + num_envs]
+    return BatchABREnv(traces, resolve_video(video),
+                       trace_ids=range(trace_id, trace_id + num_envs), **kw)
 
 
 def _scalars(info: dict[str, np.ndarray]) -> dict[str, Any]:

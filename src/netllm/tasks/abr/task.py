@@ -6,6 +6,7 @@ The data flow:  traces + video -> BatchABREnv -> (baseline | NetLLM policy) -> Q
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,12 @@ from rich.console import Console
 from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
-from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, NetLLMConfig, read_adapter_config
+from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_config
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
-from netllm.train import completed_steps
-from netllm.utils import NetLLMError, prepare_run_dir, seed_everything
+from netllm.options import Options, opt, split_list
+from netllm.recipe import Recipe, run_adaptation, stage_done
+from netllm.utils import NetLLMError, seed_everything
 
 console = Console()
 
@@ -31,6 +33,7 @@ REBUFFER_PENALTY = 4.3
 # one token each, in this order, per decision step (the spec's six state tokens)
 STATE_TOKENS = ("last_bitrate", "buffer", "throughput", "download_time", "next_sizes", "chunks_left")
 RETURN_SCALE = 10.0  # returns-to-go are O(1-20) after this scaling
+DEMO_STEPS, DEMO_EVAL_EVERY = 800, 100  # the demo's budget (see run_demo)
 
 
 def obs_states(obs: np.ndarray) -> dict[str, np.ndarray]:
@@ -102,7 +105,8 @@ def run_episodes(policy: Any, traces: Sequence[Any], video: Any, seed: int, reco
         levels = np.asarray(policy.act(obs, info), dtype=np.int64)
         if record:
             seen.append(obs_states(obs))
-        obs, reward, done, info = env.step(levels)
+        obs, reward, terminated, truncated, info = env.step(levels)
+        done = np.asarray(terminated) | np.asarray(truncated)
         cols["qoe"].append(np.asarray(reward, dtype=np.float64))
         cols["bitrate_mbps"].append(info["bitrate_mbps"])
         cols["rebuffer_s"].append(info["rebuffer_s"])
@@ -156,16 +160,11 @@ class NetLLMABRPolicy:
         return self.last_levels
 
 
-def make_policy(name: str, device: str = "auto") -> Any:
-    """A baseline by name, or a trained adapter by folder."""
-    path = Path(name)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        return NetLLMABRPolicy.from_adapter(path, device=device)
-    if path.exists() or "/" in name:
-        raise NetLLMError(f"--policy: {name} is not an adapter folder (no adapter_config.json)")
-    from netllm.tasks.abr.baselines import make_baseline
+def policy_by_name(name: str, device: str = "auto") -> Any:
+    """A baseline by name, or a trained adapter by folder (the framework's one way)."""
+    from netllm.recipe import load_policy
 
-    return make_baseline(name)
+    return load_policy(TASK, name, ABREvalOptions(), device)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -220,7 +219,7 @@ def collect_pool(policies: Sequence[str], traces: Sequence[Any], video: Any, see
         raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
     per_policy: list[list[dict[str, Any]]] = []
     for name in policies:
-        policy, episodes = make_policy(name), []
+        policy, episodes = policy_by_name(name), []
         for seed in seeds:
             ep = run_episodes(policy, traces, video, seed, record=True)
             assert ep.states is not None
@@ -254,56 +253,115 @@ def collect_pools(policies: Sequence[str], traces: Sequence[Any], videos: Sequen
     return ExperiencePool.concat(pools, meta=meta)
 
 
+# ----------------------------------------------------------------------------- options
+
+
+TRACE_HELP = "fcc-train, fcc-valid, fcc-test or a folder of trace files"
+VIDEO_HELP = "video1, video2 or a folder holding video_size_0..5"
+
+
 @dataclass
-class AdaptRecipe:
-    """Every hyper-parameter of ABR adaptation, visible in one place."""
+class ABRRecipe(Recipe):
+    """Every hyper-parameter of ABR adaptation, visible in one place. The defaults are
+    the recipe that beats RobustMPC and GENET (docs/results/abr.md)."""
 
-    llm: str = "smollm2"
-    layers: int | None = 6
-    rank: int = 16
-    context: int = 10
-    batch_size: int = 16
-    steps: int = 2000
-    lr: float = 3e-4
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    target_quantile: float = 0.9
-    eval_every: int = 250
-    eval_traces: int = 20
-    pretrained: bool = True
-    seed: int = 0
+    layers: int | None = opt(4, "Keep only the first N decoder layers.", min=1)
+    context: int = opt(10, "Context window K in decision steps.", min=1)
+    target_quantile: float = opt(0.9, "Target return at run time: this quantile of the pool's returns.",
+                                 min=0, max=1)
+    valid_traces: str = opt("fcc-valid", f"Validation trace set ({TRACE_HELP}).")
+    valid_count: int = opt(20, "Validate on the first N traces of --valid-traces.", min=1)
+    valid_video: str = opt("video1", f"Validation video ({VIDEO_HELP}).")
 
 
-def adapt(pool: ExperiencePool, out: Path, recipe: AdaptRecipe, *, device: str = "auto", resume: bool = False,
+@dataclass
+class ABRAdaptOptions(ABRRecipe):
+    pool: list[str] = opt([], "Experience pool from `netllm collect abr` (repeat it for several).")
+
+    def check(self) -> None:
+        super().check()
+        if not self.pool:
+            raise NetLLMError("--pool: ABR adaptation needs an experience pool (netllm collect abr ...)")
+        for p in self.pool:
+            if not Path(p).exists():
+                raise NetLLMError(f"--pool {p}: no such pool file or folder")
+
+
+@dataclass
+class ABREvalOptions(Options):
+    traces: str = opt("fcc-test", f"Trace set ({TRACE_HELP}).")
+    video: str = opt("video1", f"Video ({VIDEO_HELP}).")
+    setting: str = opt("upstream", "upstream: no delay noise and the trace set's fixed start positions; "
+                                   "random: delay noise and seeded random starts.", choices=("upstream", "random"))
+
+
+@dataclass
+class ABRCollectOptions(Options):
+    traces: str = opt("fcc-train", f"Trace set the episodes play ({TRACE_HELP}).")
+    video: str = opt("video1", "Video(s), comma-separated: episodes on each.")
+    keep: str = opt("all", "all: every episode; best: per (trace, seed, video) the best policy's episode.",
+                    choices=("all", "best"))
+
+
+CONTROLS = ("random", "scratch")
+
+
+@dataclass
+class ABRBenchOptions(ABRRecipe):
+    """The whole pipeline; the recipe fields are the adaptation's (same defaults as adapt)."""
+
+    pool_seeds: str = opt("1-2", "Seeds of the pool's episodes.")
+    behaviour: str = opt("genet,mpc,bba", "Policies that play the pool's episodes (comma-separated).")
+    keep: str = opt("best", "Pool: all episodes, or the best policy's per condition.", choices=("all", "best"))
+    pool_videos: str = opt("video1,video2", "Videos of the pool's episodes.")
+    seeds: str = opt("1-3", "Evaluation seeds.")
+    videos: str = opt("video1,video2", "Test videos.")
+    controls: str = opt("random,scratch", "Controls trained beside NetLLM: random (random LLM weights), "
+                                          "scratch (a small Decision Transformer from scratch), none.")
+    baselines: str = opt("bba,mpc,genet,oracle", "Baselines evaluated beside the adapters.")
+
+    def check(self) -> None:
+        from netllm.tasks.abr.baselines import BASELINES
+        from netllm.utils import parse_seeds
+
+        super().check()
+        parse_seeds(self.pool_seeds)
+        parse_seeds(self.seeds)
+        split_list(self.behaviour, "--behaviour", list(BASELINES))
+        split_list(self.baselines, "--baselines", list(BASELINES))
+        split_list(self.controls, "--controls", [*CONTROLS, "none"])
+        for option, videos in (("--videos", self.videos), ("--pool-videos", self.pool_videos)):
+            for v in split_list(videos, option):
+                if v not in ("video1", "video2") and not Path(v).is_dir():
+                    raise NetLLMError(f"{option}: unknown video {v!r} ({VIDEO_HELP})")
+
+
+# ----------------------------------------------------------------------------- adaptation
+
+
+def adapt(pool: ExperiencePool, out: Path, recipe: ABRRecipe, *, device: str = "auto", resume: bool = False,
           eval_traces: Sequence[Any] | None = None, eval_video: Any = None, progress: bool = True) -> Path:
-    """DD-LRNA for ABR: return-conditioned offline RL on the pool; returns the adapter folder."""
-    from netllm.train import TrainConfig, train
-
+    """DD-LRNA for ABR: return-conditioned offline RL on the pool; returns the adapter folder.
+    With ``eval_traces``, the adapter kept is the best on them (``recipe.eval_every``)."""
     seed_everything(recipe.seed)
     config = model_config(llm=recipe.llm, layers=recipe.layers, rank=recipe.rank, context=recipe.context,
                           pretrained=recipe.pretrained, seed=recipe.seed)
     model = NetLLM(config, device=device)
     sampler = WindowSampler(pool, config.rl, batch_size=recipe.batch_size, seed=recipe.seed)
     goal = target_return(pool, recipe.target_quantile)
-
-    t0 = time.perf_counter()
-    keeper = BestAdapter(out, "qoe", higher_is_better=True, extra=lambda: {
-        "target_return": goal, "recipe": recipe.__dict__, "pool": pool.meta,
-        "train_seconds": time.perf_counter() - t0})
-
-    eval_fn: Callable[[Any, int], dict[str, float]] | None = None
+    validate = None
     if eval_traces:
-        def eval_fn(m: Any, step: int) -> dict[str, float]:
-            qoe = evaluate(NetLLMABRPolicy(m, goal), eval_traces, eval_video, [1]).mean
-            keeper.update(m, qoe, step)  # keep the checkpoint that is best on the validation traces
-            return {"qoe": qoe}
+        def validate(m: Any) -> float:
+            return evaluate(NetLLMABRPolicy(m, goal), eval_traces, eval_video, [1]).mean
 
-    train_config = TrainConfig(steps=recipe.steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
-                               weight_decay=recipe.weight_decay, eval_every=recipe.eval_every,
-                               checkpoint_every=max(recipe.steps // 10, 50), log_every=10, seed=recipe.seed,
-                               progress=progress)
-    train(model, sampler.batch, action_loss, train_config, out / "train", eval_fn=eval_fn, resume=resume)
-    return keeper.finish(model)
+    return run_adaptation(model, sampler.batch, action_loss, recipe, out, steps=recipe.total_steps(len(pool)),
+                          metric="qoe", higher_is_better=True, validate=validate, resume=resume,
+                          progress=progress, extra=lambda: {"target_return": goal, "pool": pool.meta})
+
+
+def load_pools(paths: Sequence[str | Path]) -> ExperiencePool:
+    pools = [ExperiencePool.load(p, task="abr") for p in paths]
+    return pools[0] if len(pools) == 1 else ExperiencePool.concat(pools)
 
 
 class ABRTask(Task):
@@ -311,115 +369,88 @@ class ABRTask(Task):
     kind = "decision"
     metric = "qoe"
     higher_is_better = True
+    summary = "adaptive bitrate streaming (Pensieve/Genet simulator, FCC traces); QoE, higher is better."
+    has_demo = True
+    Recipe = ABRRecipe
+    AdaptOptions = ABRAdaptOptions
+    EvalOptions = ABREvalOptions
+    CollectOptions = ABRCollectOptions
+    BenchOptions = ABRBenchOptions
 
-    def model_config(self) -> NetLLMConfig:
-        return model_config()
+    def datasets(self) -> tuple[Any, ...]:
+        from netllm.tasks.abr import datasets
 
-    def baselines(self) -> dict[str, Callable[..., Any]]:
+        return datasets.GROUPS
+
+    def manifest(self) -> str:
+        from netllm.tasks.abr import datasets
+
+        return datasets.manifest()
+
+    def post_fetch(self, root: Path) -> None:
+        from netllm.tasks.abr import datasets
+
+        datasets.post_fetch(root)
+
+    def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
+        r = recipe if isinstance(recipe, ABRRecipe) else ABRRecipe()
+        return model_config(llm=r.llm, layers=r.layers, rank=r.rank, context=r.context, pretrained=r.pretrained,
+                            seed=r.seed)
+
+    def baselines(self) -> dict[str, Callable[[Any], Any]]:
         from netllm.tasks.abr.baselines import BASELINES, make_baseline
 
-        return {name: (lambda n=name: make_baseline(n)) for name in BASELINES}
+        return {name: (lambda _options, n=name: make_baseline(n)) for name in BASELINES}
 
-    def evaluate(self, policy: Any, seeds: list[int], traces: str = "fcc-test", video: str = "video1",
-                 **_: Any) -> Metrics:
-        from netllm.tasks.abr.traces import load_traces, load_video
+    def policy_from_run(self, folder: Path, options: Any, device: str = "auto") -> Any:
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise NetLLMError(f"--policy {folder}: not an ABR adapter folder (no {ADAPTER_CONFIG})")
+        return NetLLMABRPolicy.from_adapter(folder, device=device)
 
-        return evaluate(policy, load_traces(traces), load_video(video), seeds)
-
-    # -- CLI -----------------------------------------------------------------------------
-
-    def eval_cli(self, policies: list[str], seeds: list[int], out: Path, device: str = "auto",
-                 traces: str = "fcc-test", video: str = "video1", setting: str = "upstream") -> dict[str, Metrics]:
+    def evaluate(self, policies: dict[str, Any], seeds: list[int], options: ABREvalOptions,
+                 out: Path) -> dict[str, Metrics]:
         from netllm.results import write_results
         from netllm.tasks.abr.traces import load_traces, load_video
 
-        trace_set, vid = load_traces(traces), load_video(video)
-        env_options = env_setting(traces, setting)
-        made = [make_policy(p, device=device) for p in policies]  # fail fast on a bad name
-        prepare_run_dir(out, {"command": "eval abr", "policies": policies, "seeds": seeds, "traces": traces,
-                              "video": video, "setting": "upstream" if env_options else "random"})
+        trace_set, vid = load_traces(options.traces), load_video(options.video)
+        env_options = env_setting(options.traces, options.setting)
         console.print("setting: " + ("upstream (no delay noise, fixed start positions)" if env_options
                                      else "random (delay noise, seeded random start positions)"))
         results: dict[str, Metrics] = {}
-        for name, policy in zip(policies, made):
+        for name, policy in policies.items():
             t0 = time.perf_counter()
-            results[getattr(policy, "name", name) if Path(name).is_dir() else name] = evaluate(
-                policy, trace_set, vid, seeds, **env_options)
+            results[name] = evaluate(policy, trace_set, vid, seeds, **env_options)
             console.print(f"{name}: {time.perf_counter() - t0:.1f} s")
-        write_results(out, results, title=f"ABR on {traces} / {vid.name} ({len(trace_set)} traces, seeds {seeds})",
+        write_results(out, results, title=f"ABR on {options.traces} / {vid.name} ({len(trace_set)} traces, "
+                                          f"seeds {seeds})",
                       parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"),
                       reference="oracle" if "oracle" in results else None, cdf_key="qoe")
         return results
 
-    def collect(self, policies: list[str], seeds: list[int], out: Path, traces: str = "fcc-train",
-                video: str = "video1", keep: str = "all") -> Path:
+    def collect(self, policies: list[str], seeds: list[int], options: ABRCollectOptions, out: Path) -> Path:
         """``--video video1,video2``: episodes on each video; ``--keep best``: per (trace,
         seed[, video]) only the best policy's episode (see collect_pool)."""
         from netllm.tasks.abr.traces import load_traces, load_video
 
-        if keep not in ("all", "best"):
-            raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
-        trace_set, videos = load_traces(traces), [load_video(v) for v in str(video).split(",")]
-        prepare_run_dir(out, {"command": "collect abr", "policies": policies, "seeds": seeds, "traces": traces,
-                              "video": video, "keep": keep})
-        pool = collect_pools(policies, trace_set, videos, seeds, keep=keep)
+        trace_set, videos = load_traces(options.traces), [load_video(v) for v in options.video.split(",")]
+        pool = collect_pools(policies, trace_set, videos, seeds, keep=options.keep)
         path = pool.save(out / "pool.npz")
         console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} steps -> {path}")
         return path
 
-    def adapt(self, pool: list[Path], out: Path, llm: str, device: str, layers: int | None, rank: int,
-              steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
-              pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_traces: str = "fcc-valid",
-              video: str = "video1") -> Path:
+    def adapt(self, out: Path, recipe: ABRAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
         from netllm.tasks.abr.traces import load_traces, load_video
 
-        if not pool:
-            raise NetLLMError("--pool: ABR adaptation needs an experience pool (netllm collect abr ...)")
-        data = ExperiencePool.concat([ExperiencePool.load(p, task="abr") for p in pool]) if len(pool) > 1 \
-            else ExperiencePool.load(pool[0], task="abr")
-        recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 6, rank=rank, context=context,
-                             batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0])
-        if epochs is not None:
-            recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
-        elif steps is not None:
-            recipe.steps = steps
-        prepare_run_dir(out, {"command": "adapt abr", "pool": [str(p) for p in pool], **recipe.__dict__})
-        evals = load_traces(eval_traces)[: recipe.eval_traces] if eval_traces else None
-        adapter = adapt(data, out, recipe, device=device, resume=resume, eval_traces=evals,
-                        eval_video=load_video(video))
-        console.print(f"adapter: {adapter}")
-        return adapter
+        valid = load_traces(recipe.valid_traces)[: recipe.valid_count]
+        return adapt(load_pools(recipe.pool), out, recipe, device=device, resume=resume, eval_traces=valid,
+                     eval_video=load_video(recipe.valid_video))
 
     # -- demo and benchmark ----------------------------------------------------------------
 
-    def demo(self, llm: str = "smollm2", device: str = "auto", out: Path = Path("runs/demo-abr"),
-             steps: int = 400, layers: int = 4) -> dict[str, Metrics]:
-        """Train a small ABR adapter (minutes on 2 cores) and compare it with the baselines."""
-        from netllm.results import write_results
+    def demo(self, device: str = "auto", out: Path = Path("runs/demo-abr")) -> dict[str, Metrics]:
+        return run_demo(device=device, out=out)
 
-        train_traces, test_traces, video, source = demo_data()
-        console.print(f"[bold]NetLLM ABR demo[/bold] — data: {source}")
-        names = ["bba", "mpc"] + (["genet"] if _genet_available() else [])
-        behaviour = "genet" if "genet" in names else "mpc"
-        prepare_run_dir(out, {"command": "demo", "llm": llm, "steps": steps, "layers": layers, "data": source})
-        pool = collect_pool([behaviour], train_traces, video, seeds=[1])
-        recipe = AdaptRecipe(llm=llm, layers=layers, steps=steps, eval_every=0, warmup_steps=min(50, steps // 4))
-        t0 = time.perf_counter()
-        adapter = adapt(pool, out, recipe, device=device, eval_traces=None)
-        console.print(f"adapted {llm} ({layers} layers, LoRA r={recipe.rank}) in {time.perf_counter() - t0:.0f} s")
-        env = env_setting("fcc-test") if source.startswith("real") else {}
-        results = {n: evaluate(make_policy(n), test_traces, video, [1], **env) for n in names}
-        results[f"netllm-{llm}"] = evaluate(NetLLMABRPolicy.from_adapter(adapter, device=device), test_traces,
-                                            video, [1], **env)
-        write_results(out, results, title=f"ABR demo ({source}; seed 1)",
-                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"), cdf_key="qoe")
-        return results
-
-    def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", steps: int | str = 2000,
-              layers: int | str = 4, context: int | str = 10, pool_seeds: str = "1-2", seeds: str = "1-3",
-              behaviour: str = "genet,mpc,bba", videos: str = "video1,video2", controls: str = "random,scratch",
-              baselines: str = "bba,mpc,genet,oracle", keep: str = "best",
-              pool_videos: str = "video1,video2") -> dict[str, Any]:
+    def bench(self, options: ABRBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """The whole pipeline: pool -> adaptation (+ controls) -> evaluation on fcc-test.
 
         The pool: ``--behaviour`` policies on fcc-train with ``--pool-videos``, seeds
@@ -432,56 +463,53 @@ class ABRTask(Task):
         from netllm.tasks.abr.traces import load_traces, load_video
         from netllm.utils import atomic_write_json, parse_seeds
 
-        steps, layers, context = int(steps), int(layers), int(context)
-        eval_seeds = parse_seeds(seeds)
-        prepare_run_dir(out, {"command": "bench abr", "llm": llm, "steps": steps, "layers": layers,
-                              "context": context, "pool_seeds": pool_seeds, "seeds": eval_seeds,
-                              "behaviour": behaviour, "videos": videos, "controls": controls, "keep": keep,
-                              "pool_videos": pool_videos})
+        eval_seeds = parse_seeds(options.seeds)
         summary: dict[str, Any] = {"wall_s": {}}
         pool_path = out / "pool.npz"
         if not pool_path.is_file():
             t0 = time.perf_counter()
-            pool = collect_pools(behaviour.split(","), load_traces("fcc-train"),
-                                 [load_video(v) for v in pool_videos.split(",")], parse_seeds(pool_seeds), keep=keep)
+            pool = collect_pools(options.behaviour.split(","), load_traces("fcc-train"),
+                                 [load_video(v) for v in options.pool_videos.split(",")],
+                                 parse_seeds(options.pool_seeds), keep=options.keep)
             pool.save(pool_path)
             summary["wall_s"]["pool"] = time.perf_counter() - t0
         pool = ExperiencePool.load(pool_path, task="abr")
         summary["pool"] = {"episodes": pool.num_episodes, "steps": len(pool), **pool.meta}
-        runs = {f"netllm-{Path(llm).name}": AdaptRecipe(llm=llm, layers=layers, context=context, steps=steps)}
+        recipe = ABRRecipe(**{f.name: getattr(options, f.name) for f in dataclasses.fields(ABRRecipe)})
+        label = f"netllm-{Path(recipe.llm).name}"
+        runs = {label: recipe}
+        controls = options.controls.split(",")
         if "random" in controls:
-            runs[f"netllm-{Path(llm).name}-random-init"] = AdaptRecipe(
-                llm=llm, layers=layers, context=context, steps=steps, pretrained=False)
+            runs[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
         if "scratch" in controls:
-            runs["dt-scratch"] = AdaptRecipe(llm="scratch", layers=3, rank=0, context=context, steps=steps,
-                                             lr=3e-4)
-        valid = load_traces("fcc-valid")[:20]
-        for name, recipe in runs.items():
-            if (out / name / ADAPTER_CONFIG).is_file() and completed_steps(out / name / "train") >= recipe.steps:
+            runs["dt-scratch"] = dataclasses.replace(recipe, llm="scratch", layers=3, rank=0)
+        valid = load_traces(recipe.valid_traces)[: recipe.valid_count]
+        for name, r in runs.items():
+            if stage_done(out / name, r.total_steps(len(pool))):
                 continue
             t0 = time.perf_counter()
-            adapt(pool, out / name, recipe, device=device, resume=True, eval_traces=valid,
-                  eval_video=load_video("video1"))
+            adapt(pool, out / name, r, device=device, resume=True, eval_traces=valid,
+                  eval_video=load_video(recipe.valid_video))
             summary["wall_s"][f"adapt {name}"] = time.perf_counter() - t0
         test = load_traces("fcc-test")
         test_env = env_setting("fcc-test")
-        for video_name in videos.split(","):
+        for video_name in options.videos.split(","):
             video = load_video(video_name)
             results: dict[str, Metrics] = {}
-            for b in baselines.split(","):
+            for b in options.baselines.split(","):
                 if b == "genet" and not _genet_available():
                     continue
-                results[b] = evaluate(make_policy(b), test, video, eval_seeds, **test_env)
+                results[b] = evaluate(policy_by_name(b), test, video, eval_seeds, **test_env)
             for name in runs:
                 t0 = time.perf_counter()
                 results[name] = evaluate(NetLLMABRPolicy.from_adapter(out / name, device=device), test, video,
                                          eval_seeds, **test_env)
                 summary["wall_s"][f"eval {name} {video_name}"] = time.perf_counter() - t0
-            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {seeds})",
+            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {options.seeds})",
                           parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"),
                           reference="oracle" if "oracle" in results else None, cdf_key="qoe")
             summary[video_name] = {n: m.summary() for n, m in results.items()}
-        summary["speed"] = speed_report(out / next(iter(runs)), device=device)
+        summary["speed"] = speed_report(out / label, device=device)
         atomic_write_json(out / "bench.json", summary)
         console.print(f"written: {out / 'bench.json'}")
         return summary
@@ -497,16 +525,84 @@ def _genet_available() -> bool:
         return False
 
 
-def demo_data() -> tuple[list[Any], list[Any], Any, str]:
-    """Real FCC traces and video1 when present, generated ones otherwise (said so)."""
+@dataclass
+class DemoData:
+    """What the demo trains, validates and tests on, and where it came from."""
+
+    train: list[Any]  # the pool's traces
+    valid: list[Any]  # held out from the pool: the adapter kept is the best on them
+    test: list[Any]
+    videos: list[Any]  # the pool plays each; the first is the test video
+    source: str
+    real: bool
+
+
+def demo_data(fetch: bool = True) -> DemoData:
+    """Real FCC traces when present (or fetched now, verified), generated ones otherwise.
+
+    Real: the pool plays fcc-train's first 200 traces, the last 35 validate (upstream's
+    fcc-valid repeats fcc-train), fcc-test tests. Generated: train, validation and test
+    traces are drawn from the same Markov-chain generator with different seeds.
+    """
+    from netllm import data
     from netllm.tasks.abr.traces import load_traces, load_video, synthetic_traces, synthetic_video
 
     try:
-        return (load_traces("fcc-train")[:100], load_traces("fcc-test"), load_video("video1"),
-                "real FCC traces (fcc-train / fcc-test), video1")
+        data.dataset_path("abr", "traces")
     except NetLLMError:
-        return (synthetic_traces(100, seed=1), synthetic_traces(50, seed=2), synthetic_video(seed=0),
-                "GENERATED traces and video (no real data found: run 'netllm data fetch abr' or set NETLLM_DATA)")
+        if fetch:
+            console.print("no ABR data found: fetching it ('netllm data fetch abr', sha256-verified) ...")
+            try:
+                data.fetch("abr", progress=False)
+            except NetLLMError as err:
+                console.print(f"[yellow]fetch failed[/yellow]: {str(err).splitlines()[0]}")
+    try:
+        train = load_traces("fcc-train")
+        return DemoData(train[:200], train[200:], load_traces("fcc-test"),
+                        [load_video("video1"), load_video("video2")],
+                        "real FCC traces (pool: fcc-train 1-200, validation: fcc-train 201-235, test: fcc-test), "
+                        "video1 + video2", real=True)
+    except NetLLMError:
+        return DemoData(synthetic_traces(200, seed=1), synthetic_traces(30, seed=3), synthetic_traces(100, seed=2),
+                        [synthetic_video(seed=0)],
+                        "GENERATED traces and video (no real data: run 'netllm data fetch abr' or set NETLLM_DATA)",
+                        real=False)
+
+
+# the demo's budget: minutes on two CPU cores (the full recipe's steps are 2,000)
+DEMO_RECIPE = ABRRecipe(steps=DEMO_STEPS, eval_every=DEMO_EVAL_EVERY, warmup_steps=50)
+
+
+def run_demo(device: str = "auto", out: Path = Path("runs/demo-abr")) -> dict[str, Metrics]:
+    """The README's winning recipe on a small budget: a best-of pool (GENET / RobustMPC /
+    BBA per condition), SmolLM2 cut to 4 layers, LoRA; compared with the baselines on the
+    test traces. The run folder is the demo's own and is replaced on every run."""
+    import shutil
+
+    from netllm.results import write_results
+    from netllm.utils import prepare_run_dir
+
+    d = demo_data()
+    console.print(f"[bold]NetLLM ABR demo[/bold] — data: {d.source}")
+    behaviours = (["genet"] if _genet_available() else []) + ["mpc", "bba"]
+    if out.exists():
+        if not (out / "config.json").is_file():
+            raise NetLLMError(f"{out}: exists and is not a demo run folder; move it away")
+        shutil.rmtree(out)
+    prepare_run_dir(out, {"command": "demo", "data": d.source, "behaviour": behaviours,
+                          **dataclasses.asdict(DEMO_RECIPE)})
+    t0 = time.perf_counter()
+    pool = collect_pools(behaviours, d.train, d.videos, seeds=[1, 2], keep="best")
+    adapter = adapt(pool, out, DEMO_RECIPE, device=device, eval_traces=d.valid, eval_video=d.videos[0])
+    console.print(f"pool + adaptation ({DEMO_RECIPE.steps} steps, {DEMO_RECIPE.layers} layers, "
+                  f"LoRA r={DEMO_RECIPE.rank}): {time.perf_counter() - t0:.0f} s")
+    env = env_setting("fcc-test") if d.real else {}
+    results = {n: evaluate(policy_by_name(n), d.test, d.videos[0], [1], **env) for n in ["bba", "mpc", *behaviours[:1 if _genet_available() else 0]]}
+    results["netllm"] = evaluate(NetLLMABRPolicy.from_adapter(adapter, device=device), d.test, d.videos[0], [1],
+                                 **env)
+    write_results(out, results, title=f"ABR demo: {d.source}; test video {d.videos[0].name}, seed 1",
+                  parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"), cdf_key="qoe")
+    return results
 
 
 def speed_report(adapter: Path, device: str = "auto", traces: int = 100) -> dict[str, float]:
@@ -526,3 +622,6 @@ def speed_report(adapter: Path, device: str = "auto", traces: int = 100) -> dict
         per_decision = (time.perf_counter() - t0) / ep.qoe.shape[1]
         report["decision_ms_kv_cache" if use_cache else "decision_ms_full_recompute"] = per_decision * 1e3
     return report
+
+
+TASK = ABRTask()

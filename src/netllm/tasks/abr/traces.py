@@ -9,19 +9,33 @@
 Every error a user can cause (missing file, non-numeric value, NaN, negative value,
 too few lines, time not increasing, wrong line count) raises :class:`NetLLMError`
 naming the file (and the line where there is one).
+
+Dirty folders: :func:`load_traces` on a folder skips a file with unusable content (bad
+row, NaN/inf, negative value, time not increasing, fewer than 2 samples, zero bandwidth
+everywhere) with one WARNING line on the ``netllm.data`` logger naming the file and the
+reason; the rest loads. The result is a :class:`TraceSet`, a plain list of traces that
+also carries ``.skipped`` (``[SkippedFile(path, reason), ...]``)::
+
+    traces = load_traces("fcc-test")
+    len(traces), len(traces.skipped)          # files loaded / files skipped
+
+``strict=True`` raises :class:`~netllm.utils.BadDataFile` (a NetLLMError, one line:
+``<path>:<line>: <reason>``) instead; a folder in which every file is bad is a
+NetLLMError naming the folder and saying all N files were skipped.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from netllm.data import dataset_path, load_verified_pickle
-from netllm.utils import NetLLMError
+from netllm.utils import BadDataFile, NetLLMError, SkippedFile, all_skipped_error, skip_bad_file
 
 BITRATES_KBPS = np.array([300, 750, 1200, 1850, 2850, 4300])
 CHUNK_S = 4.0
@@ -59,27 +73,29 @@ class Trace:
 
 
 def _check_columns(time_s: np.ndarray, bw: np.ndarray, where: str, lines: list[int] | None) -> None:
-    def at(i: int) -> str:
-        return f"{where}:{lines[i]}" if lines is not None else f"{where} (sample {i})"
+    """Raises BadDataFile for a file (``lines`` given), NetLLMError for a trace built in code."""
+
+    def fail(i: int | None, reason: str) -> NetLLMError:
+        if lines is not None:
+            return BadDataFile(where, reason, None if i is None else lines[i])
+        return NetLLMError(f"{where}: {reason}" if i is None else f"{where} (sample {i}): {reason}")
 
     if len(time_s) < 2:
-        raise NetLLMError(f"{where}: a trace needs at least 2 samples, found {len(time_s)}")
+        raise fail(None, f"a trace needs at least 2 samples, found {len(time_s)}")
     for name, col in (("time", time_s), ("bandwidth", bw)):
         bad = np.flatnonzero(~np.isfinite(col))
         if bad.size:
-            raise NetLLMError(f"{at(bad[0])}: {name} is not a finite number ({col[bad[0]]})")
+            raise fail(bad[0], f"{name} is not a finite number ({col[bad[0]]})")
         neg = np.flatnonzero(col < 0)
         if neg.size:
-            raise NetLLMError(f"{at(neg[0])}: {name} is negative ({col[neg[0]]})")
+            raise fail(neg[0], f"{name} is negative ({col[neg[0]]})")
     back = np.flatnonzero(np.diff(time_s) <= 0)
     if back.size:
         i = back[0] + 1
-        raise NetLLMError(
-            f"{at(i)}: time does not increase ({time_s[i - 1]} then {time_s[i]})"
-        )
+        raise fail(i, f"time does not increase ({time_s[i - 1]} then {time_s[i]})")
     # The download loop only ever uses samples 1..L-1; all zero would never finish a chunk.
     if not np.any(bw[1:] > 0):
-        raise NetLLMError(f"{where}: bandwidth is zero everywhere; no chunk could ever download")
+        raise fail(None, "bandwidth is zero everywhere; no chunk could ever download")
 
 
 def _read_text(path: Path, what: str) -> str:
@@ -88,13 +104,16 @@ def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise NetLLMError(f"{path}: not a text file") from None
+        raise BadDataFile(path, "not a text file") from None
     except OSError as exc:
         raise NetLLMError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 def load_trace(path: str | os.PathLike[str]) -> Trace:
-    """Read a ``time_s<whitespace>bandwidth_Mbps`` file (one sample a line, blank lines ignored)."""
+    """Read a ``time_s<whitespace>bandwidth_Mbps`` file (one sample a line, blank lines ignored).
+
+    Unusable content raises :class:`BadDataFile` (a NetLLMError); a missing file NetLLMError.
+    """
     path = Path(path)
     text = _read_text(path, "trace file")
     times: list[float] = []
@@ -105,13 +124,11 @@ def load_trace(path: str | os.PathLike[str]) -> Trace:
         if not fields:
             continue
         if len(fields) != 2:
-            raise NetLLMError(
-                f"{path}:{number}: expected 'time_s bandwidth_Mbps', got {line.strip()!r}"
-            )
+            raise BadDataFile(path, f"expected 'time_s bandwidth_Mbps', got {line.strip()!r}", number)
         try:
             t, b = float(fields[0]), float(fields[1])
         except ValueError:
-            raise NetLLMError(f"{path}:{number}: not a number in {line.strip()!r}") from None
+            raise BadDataFile(path, f"not a number in {line.strip()!r}", number) from None
         times.append(t)
         bws.append(b)
         lines.append(number)
@@ -130,8 +147,23 @@ def _trace_files(folder: Path) -> list[Path]:
     )
 
 
-def load_traces(spec: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> list[Trace]:
-    """``fcc-train`` | ``fcc-valid`` | ``fcc-test`` (from the data root) or a folder of trace files."""
+class TraceSet(list):
+    """The traces :func:`load_traces` read: a plain ``list[Trace]`` (index, slice, iterate as
+    before; a slice is a plain list) that also carries the files it left out."""
+
+    def __init__(self, traces: Iterable[Trace] = (), skipped: list[SkippedFile] | None = None) -> None:
+        super().__init__(traces)
+        self.skipped: list[SkippedFile] = list(skipped or [])
+
+
+def load_traces(spec: str | os.PathLike[str], root: str | os.PathLike[str] | None = None, *,
+                strict: bool = False) -> TraceSet:
+    """``fcc-train`` | ``fcc-valid`` | ``fcc-test`` (from the data root) or a folder of trace files.
+
+    A file with unusable content is left out, logged once on ``netllm.data`` and listed in
+    the result's ``.skipped``; ``strict=True`` raises :class:`BadDataFile` instead. A folder
+    whose every file is bad raises NetLLMError. A single file given as ``spec`` must be good.
+    """
     if isinstance(spec, str) and spec in TRACE_SPLITS:
         folder = dataset_path("abr", "traces", TRACE_SPLITS[spec], spec, root=root)
     else:
@@ -140,21 +172,32 @@ def load_traces(spec: str | os.PathLike[str], root: str | os.PathLike[str] | Non
             names = ", ".join(TRACE_SPLITS)
             raise NetLLMError(f"trace set {str(spec)!r}: no such folder (or use one of {names})")
         if folder.is_file():
-            return [load_trace(folder)]
+            return TraceSet([load_trace(folder)])
     files = _trace_files(folder)
     if not files:
         raise NetLLMError(f"trace folder {folder} holds no trace files")
-    return [load_trace(f) for f in files]
+    traces: list[Trace] = []
+    skipped: list[SkippedFile] = []
+    for f in files:
+        try:
+            traces.append(load_trace(f))
+        except BadDataFile as e:
+            skip_bad_file(e, skipped, strict)
+    if not traces:
+        raise all_skipped_error(f"trace folder {folder}", skipped)
+    return TraceSet(traces, skipped)
 
 
 def upstream_start_indices(
-    spec: str | os.PathLike[str] = "fcc-test", root: str | os.PathLike[str] | None = None
+    spec: str | os.PathLike[str] = "fcc-test", root: str | os.PathLike[str] | None = None,
+    traces: list[Trace] | None = None,
 ) -> np.ndarray | None:
     """The fixed start positions upstream evaluates a trace set from, or None if it has none.
 
     The FCC test folder ships ``mahimahi_ptrs.pkl``: one start index per trace file, in
     file-name order. It is a pickle, so it is read only after its sha256 matches the data
-    manifest.
+    manifest. ``traces`` (what :func:`load_traces` returned for the folder, perhaps with
+    files skipped): the start index of each of those traces, matched by file name.
     """
     if isinstance(spec, str) and spec in TRACE_SPLITS:
         folder = dataset_path("abr", "traces", TRACE_SPLITS[spec], spec, root=root)
@@ -172,6 +215,12 @@ def upstream_start_indices(
         raise NetLLMError(
             f"{path}: expected one start index per trace file ({len(_trace_files(folder))}), got {arr.shape}"
         )
+    if traces is not None:
+        index = {f.name: i for i, f in enumerate(_trace_files(folder))}
+        missing = [t.name for t in traces if t.name not in index]
+        if missing:
+            raise NetLLMError(f"{path}: no start index for trace {missing[0]!r} (not a file of {folder})")
+        arr = arr[[index[t.name] for t in traces]]
     return arr
 
 

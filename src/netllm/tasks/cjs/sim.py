@@ -55,6 +55,13 @@ the upper limit of executors to commit. Invalid-action rule: a ``stage_idx`` out
 step after the episode ended raise ``NetLLMError``; ``num_exec`` above
 ``obs.num_committable_execs`` is clipped to it (documented fallback; upstream asserted),
 and, as upstream, to the stage's remaining demand.
+
+Gymnasium: :class:`CJSEnv` keeps the scheduler-facing API above (rich
+:class:`CJSObservation` values, actions indexing ``obs.runnable``). :class:`CJSGymEnv`
+wraps it as a ``gymnasium.Env`` with a fixed-size observation (a ``Dict`` of padded
+arrays with masks) and a ``MultiDiscrete`` action (node slot, executor limit); it is
+registered as ``netllm/CJS-v0`` (``gymnasium.make("netllm/CJS-v0", num_jobs=20)`` after
+``import netllm.tasks.cjs``).
 """
 
 from __future__ import annotations
@@ -62,15 +69,18 @@ from __future__ import annotations
 import copy
 import heapq
 import math
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
 
+import gymnasium
 import numpy as np
+from gymnasium import spaces
 
-from netllm.tasks.cjs.jobs import NUM_QUERIES, QUERY_SIZES, JobTemplate
+from netllm.tasks.cjs.jobs import NUM_QUERIES, QUERY_SIZES, JobTemplate, synthetic_templates
 from netllm.utils import NetLLMError
 
 COMMON = (None, None)  # pool key of the common pool; a job pool is (job, None), a stage pool (job, stage)
@@ -926,3 +936,182 @@ class CJSEnv:
             num_committable_execs=int(self.pools.committable()) if self.pools.source is not None else 0,
             source_job_idx=source_idx,
         )
+
+
+# --------------------------------------------------------------------------- Gymnasium wrapper
+
+TPCH = "tpch"
+SYNTHETIC = "synthetic"
+SYNTHETIC_TEMPLATE_COUNT = 8
+SYNTHETIC_TEMPLATE_SEED = 0
+
+TemplateSpec = Mapping[tuple[int, str], JobTemplate] | Sequence[JobTemplate] | str | None
+
+
+def resolve_templates(spec: TemplateSpec = None) -> Mapping[tuple[int, str], JobTemplate] | Sequence[JobTemplate] | None:
+    """The job templates of :class:`CJSGymEnv`, in :class:`CJSEnv`'s ``templates`` form.
+
+    ``None``: ``"tpch"`` when ``$NETLLM_DATA`` is set, otherwise ``"synthetic"``.
+    ``"tpch"``: the TPC-H jobs of the data root (returned as None: CJSEnv loads them at
+    the first reset). ``"synthetic"``: ``synthetic_templates(SYNTHETIC_TEMPLATE_COUNT,
+    seed=SYNTHETIC_TEMPLATE_SEED)``. A mapping or sequence of templates: used as given.
+    """
+    if spec is None:
+        spec = TPCH if os.environ.get("NETLLM_DATA") else SYNTHETIC
+    if isinstance(spec, str):
+        if spec == TPCH:
+            return None
+        if spec == SYNTHETIC:
+            return synthetic_templates(SYNTHETIC_TEMPLATE_COUNT, seed=SYNTHETIC_TEMPLATE_SEED)
+        raise NetLLMError(f"templates: expected {TPCH!r}, {SYNTHETIC!r} or job templates, got {spec!r}")
+    return spec
+
+
+def _limit(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise NetLLMError(f"{name}: must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class CJSGymEnv(gymnasium.Env[dict[str, np.ndarray], np.ndarray]):
+    """:class:`CJSEnv` as a ``gymnasium.Env`` with fixed-size observations and actions.
+
+    Observation (``gymnasium.spaces.Dict``; padding rows are 0, masks are int8 0/1):
+
+    * ``nodes`` (max_nodes, 5) float32: Decima's node features
+      (:attr:`CJSObservation.node_features`): executors the node's job may still receive
+      this round / num_executors, +1 if the job is the round's source else -1, the job's
+      executor supply / num_executors, remaining tasks / 200, remaining work (ms) / 1e5.
+    * ``node_mask`` (max_nodes,): the slot holds an active stage.
+    * ``action_mask`` (max_nodes,): the slot holds a stage that can be scheduled now.
+    * ``node_job`` (max_nodes,) int64: the job slot of each node.
+    * ``jobs`` (max_jobs, 3) float32: the job-level part of the node features
+      (:attr:`CJSObservation.dag_features`); ``job_mask`` (max_jobs,): the slot holds a job.
+    * ``edges`` (max_edges, 2) int64: parent -> child node slots; ``edge_mask`` (max_edges,).
+    * ``num_committable_execs`` (1,) int64: free executors of this round still to commit.
+
+    Nodes are the active stages of the active jobs, jobs in arrival order, stages in id
+    order (as :class:`CJSObservation`). When they do not fit, only the longest prefix of
+    whole jobs that fits ``max_jobs``, ``max_nodes`` and ``max_edges`` is shown; ``info``
+    reports ``num_hidden_jobs``.
+
+    Action: ``MultiDiscrete([max_nodes, num_executors])``: ``(node slot, k)`` schedules
+    the stage in that slot with at most ``k + 1`` executors (clipped by the simulator to
+    the free executors and the stage's demand). Invalid-choice rule: a slot whose
+    ``action_mask`` is 0 (padding, a stage that cannot be scheduled, or a hidden one) is
+    replaced by the first schedulable stage in node order (the oldest job's), and
+    ``info["action_valid"]`` is False. An action outside the action space raises
+    ``NetLLMError``. There is no "schedule nothing" action (the simulator only stops
+    where some stage can be scheduled, and parking executors can stall an episode).
+
+    Reward: minus the time jobs spent in the system since the previous decision (ms,
+    summed over jobs; 0 inside a scheduling round); the episode's sum is minus the total
+    job completion time. ``terminated`` when every job has finished; ``truncated``
+    never. ``reset(seed=s)`` plays :class:`CJSEnv`'s episode for seed ``s``;
+    ``reset()`` draws the simulator seed from ``np_random``. ``self.sim`` is the
+    wrapped :class:`CJSEnv` (metrics: ``sim.avg_jct_s``, ``sim.job_records()``) and
+    ``self.observation`` its latest :class:`CJSObservation`.
+    """
+
+    metadata: dict[str, Any] = {"render_modes": []}
+
+    def __init__(
+        self,
+        num_executors: int = 50,
+        num_jobs: int = 200,
+        arrival_rate: float = 4e-5,
+        moving_delay_ms: float = 2000.0,
+        warmup_delay_ms: float = 1000.0,
+        templates: TemplateSpec = None,
+        data_root: str | None = None,
+        *,
+        max_jobs: int = 64,
+        max_nodes: int = 512,
+        max_edges: int = 1024,
+    ) -> None:
+        self.sim = CJSEnv(num_executors, num_jobs, arrival_rate, moving_delay_ms, warmup_delay_ms,
+                          templates=resolve_templates(templates), data_root=data_root)
+        self.max_jobs = _limit(max_jobs, "max_jobs")
+        self.max_nodes = _limit(max_nodes, "max_nodes")
+        self.max_edges = _limit(max_edges, "max_edges")
+        e = self.sim.num_executors
+        feature_low = np.array([0.0, -1.0, 0.0, 0.0, 0.0], dtype=np.float32)
+        feature_high = np.array([1.0, 1.0, np.inf, np.inf, np.inf], dtype=np.float32)
+        self.observation_space = spaces.Dict({
+            "nodes": spaces.Box(np.tile(feature_low, (self.max_nodes, 1)),
+                                np.tile(feature_high, (self.max_nodes, 1)), dtype=np.float32),
+            "node_mask": spaces.MultiBinary(self.max_nodes),
+            "action_mask": spaces.MultiBinary(self.max_nodes),
+            "node_job": spaces.Box(0, self.max_jobs - 1, shape=(self.max_nodes,), dtype=np.int64),
+            "jobs": spaces.Box(np.tile(feature_low[:NUM_DAG_FEATURES], (self.max_jobs, 1)),
+                               np.tile(feature_high[:NUM_DAG_FEATURES], (self.max_jobs, 1)), dtype=np.float32),
+            "job_mask": spaces.MultiBinary(self.max_jobs),
+            "edges": spaces.Box(0, self.max_nodes - 1, shape=(self.max_edges, 2), dtype=np.int64),
+            "edge_mask": spaces.MultiBinary(self.max_edges),
+            "num_committable_execs": spaces.Box(0, e, shape=(1,), dtype=np.int64),
+        })
+        self.action_space = spaces.MultiDiscrete([self.max_nodes, e])
+        self.observation: CJSObservation | None = None
+        self._visible_nodes = 0
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None
+              ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Start an episode (``options``: unused)."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise NetLLMError(f"seed: must be a non-negative integer or None, got {seed!r}")
+        super().reset(seed=seed)
+        sim_seed = int(seed) if seed is not None else int(self.np_random.integers(2**32))
+        obs, info = self.sim.reset(seed=sim_seed, options=options)
+        encoded, hidden = self._encode(obs)
+        return encoded, {**info, "num_hidden_jobs": hidden}
+
+    def step(self, action: Any) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
+        """Schedule ``action = (node slot, k)`` (see the class doc)."""
+        if self.observation is None:
+            raise NetLLMError("step(): call reset() first")
+        a = np.asarray(action)
+        if a.shape != (2,) or not np.issubdtype(a.dtype, np.integer) or not self.action_space.contains(a.astype(np.int64)):
+            raise NetLLMError(
+                f"action: expected 2 integers (node slot in 0..{self.max_nodes - 1}, "
+                f"k in 0..{self.sim.num_executors - 1}), got {action!r}"
+            )
+        slot, k = int(a[0]), int(a[1])
+        runnable = self.observation.runnable
+        pos = int(np.searchsorted(runnable, slot))
+        valid = slot < self._visible_nodes and pos < len(runnable) and int(runnable[pos]) == slot
+        obs, reward, terminated, truncated, info = self.sim.step((pos if valid else 0, k + 1))
+        encoded, hidden = self._encode(obs)
+        return encoded, reward, terminated, truncated, {**info, "num_hidden_jobs": hidden, "action_valid": valid}
+
+    def _encode(self, obs: CJSObservation) -> tuple[dict[str, np.ndarray], int]:
+        """The padded arrays of ``obs`` and how many of its jobs did not fit."""
+        self.observation = obs
+        num_jobs = obs.num_jobs
+        edge_counts = np.bincount(obs.node_job[obs.edge_links[:, 0]], minlength=num_jobs)
+        edge_ptr = np.concatenate([[0], np.cumsum(edge_counts)])
+        fits = ((np.arange(num_jobs + 1) <= self.max_jobs) & (obs.job_ptr <= self.max_nodes)
+                & (edge_ptr <= self.max_edges))
+        jobs = int(fits.sum()) - 1  # every limit grows with the prefix: the fitting jobs are a prefix
+        n, m = int(obs.job_ptr[jobs]), int(edge_ptr[jobs])
+        self._visible_nodes = n
+        out = {
+            "nodes": np.zeros((self.max_nodes, NUM_NODE_FEATURES), dtype=np.float32),
+            "node_mask": np.zeros(self.max_nodes, dtype=np.int8),
+            "action_mask": np.zeros(self.max_nodes, dtype=np.int8),
+            "node_job": np.zeros(self.max_nodes, dtype=np.int64),
+            "jobs": np.zeros((self.max_jobs, NUM_DAG_FEATURES), dtype=np.float32),
+            "job_mask": np.zeros(self.max_jobs, dtype=np.int8),
+            "edges": np.zeros((self.max_edges, 2), dtype=np.int64),
+            "edge_mask": np.zeros(self.max_edges, dtype=np.int8),
+            "num_committable_execs": np.array([obs.num_committable_execs], dtype=np.int64),
+        }
+        if num_jobs:
+            out["nodes"][:n] = obs.node_features[:n]
+            out["node_mask"][:n] = 1
+            out["action_mask"][:n] = obs.stage_mask[:n]
+            out["node_job"][:n] = obs.node_job[:n]
+            out["jobs"][:jobs] = obs.dag_features[:jobs]
+            out["job_mask"][:jobs] = 1
+            out["edges"][:m] = obs.edge_links[:m]
+            out["edge_mask"][:m] = 1
+        return out, num_jobs - jobs

@@ -1,5 +1,5 @@
-"""CJS as a NetLLM task: evaluation of schedulers on the Spark simulator, and the
-declaration of the NetLLM scheduler's modalities and heads.
+"""CJS as a NetLLM task: the CLI-facing evaluation of schedulers on the Spark simulator,
+pool collection, adaptation and the benchmark.
 
     netllm eval cjs --policy fifo --policy fair --policy decima --jobs 200 --executors 50 --seeds 1-10
 
@@ -8,12 +8,14 @@ durations and a sampling scheduler's choices); the metric is the average job com
 time in seconds over the episode's jobs, lower is better.
 
 The NetLLM scheduler (state tokens from the foundation's graph encoder over the active
-job DAGs, a score over the schedulable stages, a categorical head over executor limits,
-return-conditioned offline RL on a Decima pool) lives in ``policy.py``:
+job DAGs, ``features.py``; a score over the schedulable stages, a categorical head over
+executor limits, return-conditioned offline RL, ``policy.py``) learns from a Decima pool
+(``pool.py``):
 
     netllm collect cjs --policy decima --seeds 101-148 --out runs/pool-cjs-decima48
     netllm adapt cjs --pool runs/pool-cjs-decima48 --out runs/cjs-d48 --layers 4 --context 20 --steps 3000 \
         --schedule cosine --eval-every 500 --eval-jobs 100 --decode sample
+    (those are the recipe's defaults: `netllm adapt cjs --pool runs/pool-cjs-decima48` is the same)
     netllm eval cjs --policy runs/cjs-d48 --policy decima --seeds 1-10
 
 The heads imitate Decima, which samples its choices; their arg-max hands out larger
@@ -28,95 +30,26 @@ takes several ``--pool``.)
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from rich.console import Console
 
+from netllm.model import ADAPTER_CONFIG, NetLLMConfig
+from netllm.options import Options, opt, split_list
+from netllm.recipe import Recipe, load_policy, stage_done
 from netllm.tasks.base import Metrics, Task
-from netllm.tasks.cjs.baselines import SCHEDULERS, make_scheduler, run_episode
+from netllm.tasks.cjs.baselines import SCHEDULERS, run_episode
+from netllm.tasks.cjs.policy import (DECODE_HELP, CJSRecipe, NetLLMCJSPolicy, adapt, decode_temperature, model_config,
+                                     recipe_of, run_netllm_episode, speed_report)
+from netllm.tasks.cjs.pool import collect_pool, load_pool, load_pools, make_baseline, pool_options
 from netllm.tasks.cjs.sim import CJSConfig, CJSEnv
-from netllm.utils import NetLLMError, atomic_write_json, prepare_run_dir
-
-if TYPE_CHECKING:
-    from netllm.model import NetLLMConfig
+from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 
 console = Console()
-
-
-def env_config(jobs: int | str = 200, executors: int | str = 50, arrival_rate: float | str = 4e-5) -> CJSConfig:
-    """The simulator settings from CLI values; a bad value names its option."""
-    values: dict[str, Any] = {}
-    for option, key, value, kind in (("--jobs", "num_jobs", jobs, int), ("--executors", "num_executors", executors, int),
-                                     ("--arrival-rate", "arrival_rate", arrival_rate, float)):
-        try:
-            values[key] = kind(value)
-        except (TypeError, ValueError):
-            raise NetLLMError(f"{option}: expected a number, got {value!r}") from None
-        if not values[key] > 0:
-            raise NetLLMError(f"{option}: must be > 0, got {value!r}")
-    return CJSConfig(**values)
-
-
-def pool_options(keep: str, draws: int | str, segment: float | str = 0) -> tuple[int, float]:
-    """``--keep`` / ``--draws`` / ``--segment`` of a CJS pool, checked; returns
-    (draws, segment seconds)."""
-    if keep not in ("all", "best"):
-        raise NetLLMError(f"--keep: 'all' or 'best', got {keep!r}")
-    try:
-        n = int(draws)
-    except (TypeError, ValueError):
-        raise NetLLMError(f"--draws: expected an integer, got {draws!r}") from None
-    if n < 1:
-        raise NetLLMError(f"--draws: must be >= 1, got {draws}")
-    try:
-        seg = float(segment)
-    except (TypeError, ValueError):
-        raise NetLLMError(f"--segment: expected seconds of simulated time, got {segment!r}") from None
-    if not (seg >= 0 and math.isfinite(seg)):
-        raise NetLLMError(f"--segment: must be >= 0 seconds (0: choose whole episodes), got {segment!r}")
-    if seg > 0 and keep != "best":
-        raise NetLLMError("--segment: chooses the best continuation, so it needs --keep best")
-    return n, seg
-
-
-def check_schedule(schedule: str) -> str:
-    if schedule not in ("constant", "linear", "cosine"):
-        raise NetLLMError(f"--schedule: constant, linear or cosine, got {schedule!r}")
-    return schedule
-
-
-def check_decode(decode: str | None) -> str | None:
-    """``--decode`` (``argmax``, ``sample`` or ``sample:T``, see ``decode_temperature``);
-    None: as the adapter's recipe says."""
-    if decode is not None:
-        from netllm.tasks.cjs.policy import decode_temperature
-
-        decode_temperature(decode)
-    return decode
-
-
-def make_policy(name: str, config: CJSConfig, device: str = "auto", decode: str | None = None) -> Any:
-    """A baseline by name, or a trained NetLLM adapter by folder, decoded by ``decode``
-    (default: the decoding its recipe was validated with)."""
-    path = Path(name)
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        from netllm.tasks.cjs.policy import NetLLMCJSPolicy
-
-        policy = NetLLMCJSPolicy.from_adapter(path, device=device, decode=check_decode(decode))
-        if policy.sample:
-            policy.name += "-sampled" + (f"-t{policy.temperature:g}" if policy.temperature != 1 else "")
-        return policy
-    if path.exists() or "/" in name:
-        raise NetLLMError(f"--policy: {name} is not an adapter folder (no adapter_config.json)")
-    kwargs = {"num_executors": config.num_executors} if name.lower() in ("fifo", "fair") else {}
-    try:
-        return make_scheduler(name, **kwargs)
-    except NetLLMError as err:
-        raise NetLLMError(f"--policy: {err}") from None
 
 
 def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig()) -> Metrics:
@@ -126,9 +59,7 @@ def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig()) -> 
     events, wall, decisions = 0, 0.0, 0
     for seed in seeds:
         env = CJSEnv.from_config(config)
-        if hasattr(policy, "observe"):  # return-conditioned: it needs the rewards
-            from netllm.tasks.cjs.policy import run_netllm_episode
-
+        if isinstance(policy, NetLLMCJSPolicy):  # return-conditioned: it needs the rewards
             result = run_netllm_episode(env, policy, seed=seed)
         else:
             result = run_episode(env, policy, seed=seed)
@@ -142,41 +73,156 @@ def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig()) -> 
     return Metrics("jct_s", False, per_seed, parts=parts, rows=rows)
 
 
+# ----------------------------------------------------------------------------- options
+
+
+@dataclass
+class CJSSetting(Options):
+    """The simulated cluster and its job stream (the spec's defaults), and how NetLLM
+    adapters among the policies decide."""
+
+    jobs: int = opt(200, "Jobs per episode (TPC-H queries).", min=1)
+    executors: int = opt(50, "Executors of the cluster.", min=1)
+    arrival_rate: float = opt(4e-5, "Job arrivals per simulated ms (Poisson; 4e-5: one every 25 s).", min=0)
+    decode: str | None = opt(None, DECODE_HELP + " Default: as the adapter's recipe was validated.")
+
+    def check(self) -> None:
+        super().check()
+        if not self.arrival_rate > 0:
+            raise NetLLMError(f"--arrival-rate: must be > 0, got {self.arrival_rate!r}")
+        if self.decode is not None:
+            decode_temperature(self.decode)
+
+    def config(self) -> CJSConfig:
+        return CJSConfig(num_jobs=self.jobs, num_executors=self.executors, arrival_rate=self.arrival_rate)
+
+
+@dataclass
+class CJSEvalOptions(CJSSetting):
+    """``netllm eval cjs``: one episode per seed on this setting."""
+
+
+@dataclass
+class CJSCollectOptions(CJSSetting):
+    """``netllm collect cjs``: one episode per (policy, seed), or a best-of pool."""
+
+    gnn: str = opt("decima", "State features: the frozen pretrained Decima GNN, or the same network with "
+                             "random weights (a control).", choices=("decima", "random"))
+    keep: str = opt("all", "all: every episode; best: per job sequence the best of --draws sampled episodes.",
+                    choices=("all", "best"))
+    draws: int = opt(1, "Sampled episodes per (policy, job sequence) with --keep best.", min=1)
+    segment: float = opt(0.0, "With --keep best: choose the best of --draws continuations every S simulated "
+                              "seconds, on forks of the simulator (0: whole episodes).", min=0)
+
+    def check(self) -> None:
+        super().check()
+        pool_options(self.keep, self.draws, self.segment)
+
+
+@dataclass
+class CJSAdaptOptions(CJSRecipe):
+    pool: list[str] = opt([], "Experience pool from `netllm collect cjs` (repeat it for several).")
+
+    def check(self) -> None:
+        super().check()
+        if not self.pool:
+            raise NetLLMError("--pool: CJS adaptation needs an experience pool (netllm collect cjs ...)")
+        for p in self.pool:
+            if not Path(p).exists():
+                raise NetLLMError(f"--pool {p}: no such pool file or folder")
+
+
+# generalisation settings of the benchmark: CLI option values of CJSSetting
+SETTINGS: dict[str, dict[str, Any]] = {"default": {}, "jobs400": {"jobs": 400}, "executors30": {"executors": 30},
+                                       "executors80": {"executors": 80}, "rate2x": {"arrival_rate": 8e-5}}
+CONTROLS = ("random",)
+
+
+@dataclass
+class CJSBenchOptions(CJSRecipe):
+    """The whole pipeline; the recipe fields are the adaptation's (same defaults as adapt)."""
+
+    seeds: str = opt("1-10", "Evaluation seeds (job sequences) of every setting.")
+    policies: str = opt("fifo,fair,decima", "Baselines evaluated beside the adapters (comma-separated).")
+    pool_seeds: str = opt("101-148", "Job sequences of the pool's episodes.")
+    pool_jobs: int = opt(200, "Jobs per pool episode.", min=1)
+    behaviour: str = opt("decima", "Schedulers that play the pool's episodes (comma-separated).")
+    keep: str = opt("all", "Pool: all episodes, or per job sequence the best of --draws.", choices=("all", "best"))
+    draws: int = opt(1, "Pool: sampled episodes per (policy, job sequence) with --keep best.", min=1)
+    segment: float = opt(0.0, "Pool: best-of choice every S simulated seconds (0: whole episodes).", min=0)
+    controls: str = opt("random", "Controls trained beside NetLLM: random (random LLM weights), none.")
+    netllm: bool = opt(True, "Adapt and evaluate NetLLM (--no-netllm: the baselines only).")
+    settings: str = opt("default,jobs400,executors30", "Evaluation settings: " + ", ".join(
+        f"{k} ({', '.join(f'{a}={b:g}' for a, b in v.items()) or 'spec defaults'})" for k, v in SETTINGS.items()))
+
+    def check(self) -> None:
+        super().check()
+        parse_seeds(self.seeds)
+        parse_seeds(self.pool_seeds)
+        split_list(self.policies, "--policies", list(SCHEDULERS))
+        split_list(self.behaviour, "--behaviour", list(SCHEDULERS))
+        split_list(self.controls, "--controls", [*CONTROLS, "none"])
+        split_list(self.settings, "--settings", list(SETTINGS))
+        pool_options(self.keep, self.draws, self.segment)
+
+
+# ----------------------------------------------------------------------------- the task
+
+
 class CJSTask(Task):
     name = "cjs"
     kind = "decision"
     metric = "jct_s"
     higher_is_better = False
+    summary = "Spark cluster job scheduling (Decima's simulator, TPC-H jobs); average JCT, lower is better."
+    Recipe = CJSRecipe
+    AdaptOptions = CJSAdaptOptions
+    EvalOptions = CJSEvalOptions
+    CollectOptions = CJSCollectOptions
+    BenchOptions = CJSBenchOptions
 
-    def model_config(self) -> "NetLLMConfig":
-        from netllm.tasks.cjs.policy import model_config
+    def datasets(self) -> tuple[Any, ...]:
+        from netllm.tasks.cjs import datasets
 
-        return model_config()
+        return datasets.GROUPS
 
-    def baselines(self) -> dict[str, Callable[..., Any]]:
-        return {name: (lambda n=name: make_scheduler(n)) for name in SCHEDULERS}
+    def manifest(self) -> str:
+        from netllm.tasks.cjs import datasets
 
-    def evaluate(self, policy: Any, seeds: list[int], jobs: int = 200, executors: int = 50, **_: Any) -> Metrics:
-        return evaluate(policy, seeds, env_config(jobs, executors))
+        return datasets.manifest()
 
-    def eval_cli(self, policies: list[str], seeds: list[int], out: Path, device: str = "auto",
-                 jobs: int | str = 200, executors: int | str = 50,
-                 arrival_rate: float | str = 4e-5, decode: str | None = None) -> dict[str, Metrics]:
+    def post_fetch(self, root: Path) -> None:
+        from netllm.tasks.cjs import datasets
+
+        datasets.post_fetch(root)
+
+    def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
+        r = recipe if isinstance(recipe, CJSRecipe) else CJSRecipe()
+        return model_config(llm=r.llm, layers=r.layers, rank=r.rank, context=r.context, pretrained=r.pretrained,
+                            seed=r.seed)
+
+    def baselines(self) -> dict[str, Callable[[Any], Any]]:
+        return {name: (lambda options, n=name: make_baseline(n, options.config())) for name in SCHEDULERS}
+
+    def policy_from_run(self, folder: Path, options: CJSSetting, device: str = "auto") -> Any:
+        """A NetLLM adapter, decoded by ``options.decode`` (default: as its recipe says)."""
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise NetLLMError(f"--policy {folder}: not a CJS adapter folder (no {ADAPTER_CONFIG})")
+        policy = NetLLMCJSPolicy.from_adapter(folder, device=device, decode=options.decode)
+        if policy.sample:
+            policy.name += "-sampled" + (f"-t{policy.temperature:g}" if policy.temperature != 1 else "")
+        return policy
+
+    def evaluate(self, policies: dict[str, Any], seeds: list[int], options: CJSSetting,
+                 out: Path) -> dict[str, Metrics]:
         from netllm.results import write_results
-
         from netllm.tasks.cjs.jobs import load_all
 
-        config = env_config(jobs, executors, arrival_rate)
-        check_decode(decode)
-        made = [make_policy(p, config, device=device, decode=decode) for p in policies]  # fail fast on a bad name
+        config = options.config()
         load_all()  # load (and hash-check) the TPC-H jobs once, outside the timings
-        prepare_run_dir(out, {"command": "eval cjs", "policies": policies, "seeds": seeds, "decode": decode,
-                              "jobs": config.num_jobs, "executors": config.num_executors,
-                              "arrival_rate": config.arrival_rate})
         results: dict[str, Metrics] = {}
-        for name, policy in zip(policies, made):
+        for name, policy in policies.items():
             t0 = time.perf_counter()
-            name = getattr(policy, "name", name) if Path(name).is_dir() else name
             results[name] = evaluate(policy, seeds, config)
             console.print(f"{name}: {time.perf_counter() - t0:.1f} s, "
                           f"{results[name].parts['events_per_s']:,.0f} simulated events/s")
@@ -186,118 +232,77 @@ class CJSTask(Task):
                             + f" (seeds {seeds})")
         return results
 
-    def collect(self, policies: list[str], seeds: list[int], out: Path, jobs: int | str = 200,
-                executors: int | str = 50, arrival_rate: float | str = 4e-5, gnn: str = "decima",
-                keep: str = "all", draws: int | str = 1, segment: float | str = 0) -> Path:
+    def collect(self, policies: list[str], seeds: list[int], options: CJSCollectOptions, out: Path) -> Path:
         """An experience pool, features from the frozen GNN: one episode per (policy, seed),
         or ``--draws N --keep best``: per job sequence the best of N sampled episodes, or
         with ``--segment S`` the best of N continuations every S simulated seconds."""
-        from netllm.tasks.cjs.policy import collect_pool
-
-        config = env_config(jobs, executors, arrival_rate)
-        draws, segment_s = pool_options(keep, draws, segment)
-        for p in policies:
-            make_policy(p, config)  # fail fast on a bad name
-        prepare_run_dir(out, {"command": "collect cjs", "policies": policies, "seeds": seeds,
-                              "jobs": config.num_jobs, "executors": config.num_executors,
-                              "arrival_rate": config.arrival_rate, "gnn": gnn, "keep": keep, "draws": draws,
-                              "segment_s": segment_s})
-        pool = collect_pool(policies, seeds, config, keep=keep, draws=draws, segment_s=segment_s, gnn=gnn)
+        pool = collect_pool(policies, seeds, options.config(), keep=options.keep, draws=options.draws,
+                            segment_s=options.segment, gnn=options.gnn,
+                            make=lambda name, _config: load_policy(self, name, options, "cpu"))
         path = pool.save(out / "pool.npz")
         console.print(f"pool: {pool.num_episodes} episodes, {len(pool)} decisions, "
                       f"up to {pool.meta['max_candidates']} candidates -> {path}")
         return path
 
-    def adapt(self, pool: list[Path], out: Path, llm: str, device: str, layers: int | None, rank: int,
-              steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
-              pretrained: bool, batch_size: int = 16, lr: float = 3e-4, eval_every: int = 0,
-              eval_jobs: int = 50, schedule: str = "constant", decode: str = "argmax") -> Path:
-        """DD-LRNA on one or more CJS pools (``--pool A --pool B``; ``--context 20`` is
-        upstream's K)."""
-        from netllm.tasks.cjs.policy import AdaptRecipe, adapt, load_pools
+    def adapt(self, out: Path, recipe: CJSAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
+        """DD-LRNA on one or more CJS pools (``--pool A --pool B``)."""
+        return adapt(load_pools(recipe.pool), out, recipe_of(recipe), device=device, resume=resume)
 
-        check_schedule(schedule)
-        check_decode(decode)
-        data = load_pools(pool)
-        recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 4, rank=rank, context=context,
-                             batch_size=int(batch_size), lr=float(lr), pretrained=pretrained, seed=seeds[0],
-                             eval_every=int(eval_every), eval_jobs=int(eval_jobs), schedule=str(schedule),
-                             decode=str(decode))
-        if epochs is not None:
-            recipe.steps = max(1, int(epochs * len(data) / recipe.batch_size))
-        elif steps is not None:
-            recipe.steps = steps
-        prepare_run_dir(out, {"command": "adapt cjs", "pool": [str(p) for p in pool], **recipe.__dict__})
-        adapter = adapt(data, out, recipe, device=device, resume=resume)
-        console.print(f"adapter: {adapter}")
-        return adapter
-
-    def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", seeds: str = "1-10",
-              policies: str = "fifo,fair,decima", steps: int | str = 3000, layers: int | str = 4,
-              context: int | str = 20, pool_seeds: str = "101-148", pool_jobs: int | str = 200,
-              behaviour: str = "decima", keep: str = "all", draws: int | str = 1, segment: float | str = 0,
-              schedule: str = "cosine", eval_every: int | str = 500, eval_jobs: int | str = 100,
-              controls: str = "random", netllm: bool | str = True, decode: str = "sample",
-              settings: str = "default,jobs400,executors30") -> dict[str, Any]:
+    def bench(self, options: CJSBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
         The defaults are the README's best recipe (runs/cjs-d48): one Decima episode on
-        each of the job sequences 101-148, 3,000 cosine-decayed steps, validation every
-        500 steps, decisions sampled from the heads (validation and evaluation);
+        each of the job sequences 101-148, the recipe's 3,000 cosine-decayed steps,
+        validation every 500 steps, decisions sampled from the heads;
         ``--keep best --draws N [--segment S]`` builds a best-of pool (of episodes, or of
         S-second segments) instead.
         Finished stages are reused when run again with the same --out."""
-        from netllm.model import ADAPTER_CONFIG
-        from netllm.tasks.cjs.policy import AdaptRecipe, adapt, collect_pool, load_pool, speed_report
-        from netllm.train import completed_steps
-        from netllm.utils import parse_seeds
-
-        seed_list = parse_seeds(seeds)
-        steps, layers, context = int(steps), int(layers), int(context)
-        draws, segment_s = pool_options(keep, draws, segment)
-        check_schedule(schedule)
-        check_decode(decode)
-        use_netllm = str(netllm).lower() not in ("false", "0", "no")
-        prepare_run_dir(out, {"command": "bench cjs", "seeds": seed_list, "policies": policies, "llm": llm,
-                              "steps": steps, "layers": layers, "context": context, "pool_seeds": pool_seeds,
-                              "pool_jobs": pool_jobs, "behaviour": behaviour, "keep": keep, "draws": draws,
-                              "segment_s": segment_s, "schedule": schedule, "eval_every": eval_every,
-                              "eval_jobs": eval_jobs,
-                              "controls": controls, "decode": decode, "settings": settings})
+        seed_list = parse_seeds(options.seeds)
         summary: dict[str, Any] = {"wall_s": {}}
-        names = policies.split(",")
-        if use_netllm:
+        names = split_list(options.policies, "--policies")
+        runs: dict[str, CJSRecipe] = {}
+        if options.netllm:
             pool_path = out / "pool.npz"
             if not pool_path.is_file():
                 t0 = time.perf_counter()
-                collect_pool(behaviour.split(","), parse_seeds(pool_seeds), env_config(pool_jobs),
-                             keep=keep, draws=draws, segment_s=segment_s).save(pool_path)
+                pool_setting = CJSCollectOptions(jobs=options.pool_jobs)
+                collect_pool(split_list(options.behaviour, "--behaviour"), parse_seeds(options.pool_seeds),
+                             pool_setting.config(), keep=options.keep, draws=options.draws,
+                             segment_s=options.segment,
+                             make=lambda name, _c: load_policy(self, name, pool_setting, device)).save(pool_path)
                 summary["wall_s"]["pool"] = time.perf_counter() - t0
             pool = load_pool(pool_path)
             summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}
-            recipe = AdaptRecipe(llm=llm, layers=layers, context=context, steps=steps, schedule=schedule,
-                                 eval_every=int(eval_every), eval_jobs=int(eval_jobs), decode=decode)
-            runs = {f"netllm-{Path(llm).name}": recipe}
-            if "random" in controls:
-                runs[f"netllm-{Path(llm).name}-random-init"] = replace(recipe, pretrained=False)
-            for name, recipe in runs.items():
-                if (out / name / ADAPTER_CONFIG).is_file() and completed_steps(out / name / "train") >= recipe.steps:
+            recipe = recipe_of(options)
+            label = f"netllm-{Path(recipe.llm).name}"
+            runs[label] = recipe
+            if "random" in split_list(options.controls, "--controls"):
+                runs[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
+            for name, r in runs.items():
+                if stage_done(out / name, r.total_steps(len(pool))):
                     continue
                 t0 = time.perf_counter()
-                adapt(pool, out / name, recipe, device=device, resume=True)
+                adapt(pool, out / name, r, device=device, resume=True)
                 summary["wall_s"][f"adapt {name}"] = time.perf_counter() - t0
-            names += [str(out / name) for name in runs]
-        all_settings = {"default": {}, "jobs400": {"jobs": 400}, "executors30": {"executors": 30},
-                        "executors80": {"executors": 80}, "rate2x": {"arrival_rate": 8e-5}}
-        for label in settings.split(","):
-            if label not in all_settings:
-                raise NetLLMError(f"--settings: unknown {label!r}; choose from {', '.join(all_settings)}")
-            setting = all_settings[label]
-            console.print(f"[bold]setting {label}[/bold]: {setting or 'spec defaults'}")
-            results = self.eval_cli(names, seed_list, out / label, device=device, **setting)
+        for label in split_list(options.settings, "--settings"):
+            setting = CJSEvalOptions.build(**SETTINGS[label])
+            console.print(f"[bold]setting {label}[/bold]: {SETTINGS[label] or 'spec defaults'}")
+            policies = {n: load_policy(self, n, setting, device) for n in names}
+            for name in runs:
+                policy = load_policy(self, str(out / name), setting, device)
+                policies[policy.name] = policy
+            results = self.evaluate(policies, seed_list, setting, out / label)
             summary[label] = {n: m.summary() for n, m in results.items()}
-        if use_netllm:
-            summary["speed"] = speed_report(out / f"netllm-{Path(llm).name}", device=device)
+        if runs:
+            summary["speed"] = speed_report(out / next(iter(runs)), device=device)
             console.print(f"speed: {summary['speed']}")
         atomic_write_json(out / "bench.json", summary)
         return summary
+
+
+def policy_by_name(name: str, options: CJSSetting | None = None, device: str = "auto") -> Any:
+    """A baseline by name, or a trained adapter by folder (the framework's one way)."""
+    return load_policy(TASK, name, options if options is not None else CJSEvalOptions(), device)
+
+
+TASK = CJSTask()

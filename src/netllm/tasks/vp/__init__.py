@@ -5,6 +5,7 @@
     task.py        NetLLM for VP: a token per history step, all future steps in one pass
 """
 
-from netllm.tasks.vp.task import VPTask
+from netllm.tasks.vp.task import TASK
 
-TASK = VPTask()
+__all__ = ["TASK"]
+

@@ -15,17 +15,30 @@ Wrap-around: the error of an angle is ``min(|a-b|, |a-b+360|, |a-b-360|)``
 (:func:`angular_error`); models see orientations relative to the last observed one,
 wrapped into [-180, 180) (:func:`wrap`), so a viewer turning across ±180° looks like
 a small motion, not a 360° jump.
+
+Dirty files: a csv with an unusable row (wrong column count, non-numeric, NaN/inf), a
+timestamp that does not increase, no rows, or too few rows for a single window is left
+out of :func:`load_samples` / :func:`load_split` / :func:`load_traces` with one WARNING
+line on the ``netllm.data`` logger naming the file and the reason; the rest loads::
+
+    samples = load_samples("Wu2017", "train")
+    samples.skipped                        # [SkippedFile(path, reason), ...]
+    samples.num_traces, len(samples.skipped)   # files loaded / files skipped
+
+``strict=True`` raises :class:`~netllm.utils.BadDataFile` (a NetLLMError, one line:
+``<path>:<line>: <reason>``) instead. If every selected file is skipped, that is a
+NetLLMError naming the data set and saying all N files were skipped.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from netllm.data import dataset_path
-from netllm.utils import NetLLMError
+from netllm.utils import BadDataFile, NetLLMError, SkippedFile, all_skipped_error, skip_bad_file
 
 FREQUENCY_HZ = 5
 DATASETS = ("Jin2022", "Wu2017")
@@ -98,12 +111,19 @@ class Samples:
     video: np.ndarray  # (N,) int
     user: np.ndarray  # (N,) int
     t: np.ndarray  # (N,) index of the first future sample
+    skipped: list[SkippedFile] = field(default_factory=list)  # files the loader left out
 
     def __len__(self) -> int:
         return len(self.history)
 
+    @property
+    def num_traces(self) -> int:
+        """How many (video, user) traces the samples come from (files loaded)."""
+        return len(set(zip(self.video.tolist(), self.user.tolist())))
+
     def subset(self, idx: np.ndarray | slice) -> "Samples":
-        return Samples(self.history[idx], self.future[idx], self.video[idx], self.user[idx], self.t[idx])
+        return Samples(self.history[idx], self.future[idx], self.video[idx], self.user[idx], self.t[idx],
+                       list(self.skipped))
 
 
 # ----------------------------------------------------------------------------- angles
@@ -143,40 +163,48 @@ def trace_path(dataset: str, video: int, user: int, root: str | Path | None = No
 
 
 def load_trace(path: str | Path) -> np.ndarray:
-    """One viewport csv -> (T, 3) float64 roll, pitch, yaw in degrees; checked."""
+    """One viewport csv -> (T, 3) float64 roll, pitch, yaw in degrees; checked.
+
+    Unusable content raises :class:`BadDataFile` (a NetLLMError); a missing file or an
+    OS error raises NetLLMError.
+    """
     path = Path(path)
     if not path.is_file():
         raise NetLLMError(f"{path}: viewport trace not found")
     rows: list[list[float]] = []
+    lines: list[int] = []  # file line number of each row
     try:
         text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise BadDataFile(path, f"unreadable viewport trace: {e}") from None
+    except OSError as e:
         raise NetLLMError(f"{path}: unreadable viewport trace: {e}") from None
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         cells = line.split(",")
         if len(cells) != 4:
-            raise NetLLMError(
-                f"{path}:{n}: expected 4 columns (timestamp_s, roll_deg, pitch_deg, yaw_deg), "
-                f"found {len(cells)}"
+            raise BadDataFile(
+                path, f"expected 4 columns (timestamp_s, roll_deg, pitch_deg, yaw_deg), found {len(cells)}", n
             )
         try:
             values = [float(c) for c in cells]
         except ValueError:
-            raise NetLLMError(f"{path}:{n}: non-numeric value in {line.strip()!r}") from None
+            raise BadDataFile(path, f"non-numeric value in {line.strip()!r}", n) from None
         if not all(np.isfinite(values)):
-            raise NetLLMError(f"{path}:{n}: NaN or infinite value in {line.strip()!r}")
+            raise BadDataFile(path, f"NaN or infinite value in {line.strip()!r}", n)
         rows.append(values)
+        lines.append(n)
     if not rows:
-        raise NetLLMError(f"{path}: empty viewport trace")
+        raise BadDataFile(path, "empty viewport trace")
     data = np.asarray(rows, dtype=np.float64)
-    if np.any(np.diff(data[:, 0]) <= 0):
-        i = int(np.flatnonzero(np.diff(data[:, 0]) <= 0)[0]) + 2
-        raise NetLLMError(f"{path}:{i}: timestamp does not increase")
+    back = np.flatnonzero(np.diff(data[:, 0]) <= 0)
+    if back.size:
+        i = int(back[0]) + 1
+        raise BadDataFile(path, f"timestamp does not increase ({data[i - 1, 0]:g} then {data[i, 0]:g})", lines[i])
     angles = data[:, 1:]
     if np.any(np.abs(angles) > 360.0):
-        raise NetLLMError(f"{path}: angle outside [-360, 360] degrees ({np.abs(angles).max():.1f})")
+        raise BadDataFile(path, f"angle outside [-360, 360] degrees ({np.abs(angles).max():.1f})")
     return angles
 
 
@@ -193,8 +221,14 @@ def split_ids(dataset: str, split: str) -> tuple[tuple[int, ...], tuple[int, ...
 
 
 def load_traces(dataset: str, videos: tuple[int, ...] | list[int], users: tuple[int, ...] | list[int],
-                root: str | Path | None = None) -> dict[Key, np.ndarray]:
-    """The traces of every (video, user) pair; unknown ids name the option."""
+                root: str | Path | None = None, *, strict: bool = False,
+                skipped: list[SkippedFile] | None = None) -> dict[Key, np.ndarray]:
+    """The traces of every (video, user) pair; unknown ids name the option.
+
+    A file with unusable content is left out with a WARNING on ``netllm.data`` and
+    appended to ``skipped`` (when given); ``strict=True`` raises :class:`BadDataFile`
+    instead. Every file bad: NetLLMError naming the data set.
+    """
     _check_dataset(dataset)
     for v in videos:
         if v not in ALL_VIDEOS[dataset]:
@@ -202,12 +236,32 @@ def load_traces(dataset: str, videos: tuple[int, ...] | list[int], users: tuple[
     for u in users:
         if u not in ALL_USERS[dataset]:
             raise NetLLMError(f"--users: unknown {dataset} user {u!r} (valid: 1..{ALL_USERS[dataset][-1]})")
-    return {(v, u): load_trace(trace_path(dataset, v, u, root)) for v in videos for u in users}
+    traces: dict[Key, np.ndarray] = {}
+    bad: list[SkippedFile] = []
+    for v in videos:
+        for u in users:
+            try:
+                traces[(v, u)] = load_trace(trace_path(dataset, v, u, root))
+            except BadDataFile as e:
+                skip_bad_file(e, bad, strict)
+    if bad and not traces:
+        raise all_skipped_error(_selection(dataset, videos, users, root), bad)
+    if skipped is not None:
+        skipped.extend(bad)
+    return traces
 
 
-def load_split(dataset: str, split: str, root: str | Path | None = None) -> dict[Key, np.ndarray]:
+def _selection(dataset: str, videos: tuple[int, ...] | list[int], users: tuple[int, ...] | list[int],
+               root: str | Path | None, split: str | None = None) -> str:
+    folder = dataset_path("vp", "viewports", dataset, root=root)
+    what = f"{dataset}/{split}" if split else dataset
+    return f"{what} ({folder}, {len(videos)} videos x {len(users)} users)"
+
+
+def load_split(dataset: str, split: str, root: str | Path | None = None, *, strict: bool = False,
+               skipped: list[SkippedFile] | None = None) -> dict[Key, np.ndarray]:
     videos, users = split_ids(dataset, split)
-    return load_traces(dataset, videos, users, root)
+    return load_traces(dataset, videos, users, root, strict=strict, skipped=skipped)
 
 
 def make_windows(traces: dict[Key, np.ndarray], spec: WindowSpec = WindowSpec(),
@@ -233,8 +287,29 @@ def make_windows(traces: dict[Key, np.ndarray], spec: WindowSpec = WindowSpec(),
 
 
 def load_samples(dataset: str, split: str, spec: WindowSpec = WindowSpec(),
-                 root: str | Path | None = None) -> Samples:
-    return make_windows(load_split(dataset, split, root), spec, where=f"{dataset}/{split}")
+                 root: str | Path | None = None, *, strict: bool = False) -> Samples:
+    """Windows of a split. Files left out (bad content, or too short for one window) are in
+    ``.skipped``, each logged once on ``netllm.data``; ``strict=True`` raises instead."""
+    skipped: list[SkippedFile] = []
+    traces = load_split(dataset, split, root, strict=strict, skipped=skipped)
+    fits, short = {}, []
+    for (v, u), trace in traces.items():
+        if len(trace) > spec.head + spec.tail:
+            fits[(v, u)] = trace
+        else:
+            short.append(BadDataFile(
+                trace_path(dataset, v, u, root),
+                f"too short: {len(trace)} samples, a window needs more than trim_head + trim_tail = "
+                f"{spec.head} + {spec.tail} (--hw/--fw)"))
+    if traces and not fits:
+        videos, users = split_ids(dataset, split)
+        everything = skipped + [SkippedFile(e.path, e.reason) for e in short]
+        raise all_skipped_error(_selection(dataset, videos, users, root, split), everything)
+    for e in short:
+        skip_bad_file(e, skipped, strict)
+    samples = make_windows(fits, spec, where=f"{dataset}/{split}")
+    samples.skipped = skipped
+    return samples
 
 
 def synthetic_traces(videos: int = 3, users: int = 4, length: int = 300, seed: int = 0) -> dict[Key, np.ndarray]:

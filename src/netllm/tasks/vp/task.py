@@ -17,9 +17,10 @@ says the viewer goes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -27,12 +28,13 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
-from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, NetLLMConfig
-from netllm.backbone import LoraSpec
+from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig
+from netllm.options import Options, opt, split_list
+from netllm.recipe import Recipe, load_policy, run_adaptation, stage_done
 from netllm.tasks.base import Metrics, Task
-from netllm.train import completed_steps
 from netllm.tasks.vp.baselines import (
     ANGLE_SCALE,
     BASELINES,
@@ -43,6 +45,8 @@ from netllm.tasks.vp.baselines import (
     train_lstm,
 )
 from netllm.tasks.vp.dataset import (
+    DATASETS,
+    SPLIT_NAMES,
     Samples,
     WindowSpec,
     angular_error,
@@ -51,7 +55,7 @@ from netllm.tasks.vp.dataset import (
     relative,
     wrap,
 )
-from netllm.utils import NetLLMError, atomic_write_json, prepare_run_dir, seed_everything
+from netllm.utils import NetLLMError, atomic_write_json, seed_everything
 
 console = Console()
 
@@ -142,20 +146,6 @@ class NetLLMVPPolicy:
         return from_relative(history, np.concatenate(outs) * ANGLE_SCALE)
 
 
-def make_policy(name: str, fw: int = 20, device: str = "auto") -> Any:
-    """A baseline name, an LSTM run folder or a NetLLM adapter folder."""
-    path = Path(name)
-    if path.is_dir():
-        if (path / LSTM_CONFIG).is_file():
-            return LSTMPredictor.load(path)
-        if (path / ADAPTER_CONFIG).is_file():
-            return NetLLMVPPolicy.from_adapter(path, device=device)
-        raise NetLLMError(f"--policy {name}: folder holds neither a VP LSTM run nor a NetLLM adapter")
-    if name not in BASELINES and ("/" in name or name.startswith(".")):
-        raise NetLLMError(f"--policy {name}: no such run folder")
-    return make_baseline(name, fw)
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -207,29 +197,142 @@ def write_vp_results(out: Path, results: dict[str, Metrics], horizons: dict[str,
     console.print(f"written in {out}: box.png, horizon.png, horizon.json")
 
 
-# ----------------------------------------------------------------------------- adaptation
+# ----------------------------------------------------------------------------- options
+
+
+VALID_STRIDE = 4  # the adapter kept is the best on every 4th window of the valid split
+HW_HELP = "History window: observed samples per prediction (5 Hz)."
+FW_HELP = "Future window: samples predicted (5 Hz); 20 = 4 s."
+STEP_HELP = "Windows are cut every N samples of a trace."
 
 
 @dataclass
-class AdaptRecipe:
-    """Every hyper-parameter of supervised VP adaptation, visible in one place."""
+class VPRecipe(Recipe):
+    """Every hyper-parameter of supervised VP adaptation, visible in one place; ``netllm
+    adapt vp`` and ``netllm bench vp`` share these defaults. The README's measured recipe
+    ("VP: NetLLM against the baselines"): SmolLM2 cut to 6 layers, LoRA r = 32 (alpha 64),
+    batch 32, lr 2e-4 with cosine decay to lr/10, the adapter best on a quarter of the
+    validation split (checked every 100 steps). VP trains by epochs (2 by default: the
+    measured run's validation MAE was best after about 2.5 epochs and rose afterwards);
+    ``--steps`` replaces ``--epochs`` when given."""
 
-    llm: str = "smollm2"
-    layers: int | None = 6
-    rank: int = 32
-    hw: int = 10
-    fw: int = 20
-    batch_size: int = 32
-    epochs: float = 2.0
-    lr: float = 2e-4
-    warmup_steps: int = 50
-    weight_decay: float = 0.01
-    eval_every: int = 100
-    pretrained: bool = True
-    seed: int = 0
+    layers: int | None = opt(6, "Keep only the first N decoder layers.", min=1)
+    rank: int = opt(32, "LoRA rank on the attention projections, alpha = 2 x rank (0: no LoRA).", min=0)
+    batch_size: int = opt(32, "Windows per optimizer step.", min=1)
+    steps: int | None = opt(None, "Optimizer steps; replaces --epochs when given.", min=1)  # type: ignore[assignment]
+    epochs: float = opt(2.0, "Passes over the training windows (unless --steps is given).", min=0)  # type: ignore[assignment]
+    lr: float = opt(2e-4, "Peak learning rate (AdamW).", min=0)
+    warmup_steps: int = opt(50, "Linear warm-up steps (at most a quarter of the run).", min=0)
+    schedule: str = opt("cosine", "Learning rate after warm-up (linear and cosine decay to lr/10).",
+                        choices=("constant", "linear", "cosine"))
+    eval_every: int = opt(100, "Validate every N steps on a quarter of the valid split and keep the best "
+                               "adapter (0: keep the last).", min=0)
+    dataset: str = opt("Jin2022", "Training data set: its train split trains, its valid split picks the "
+                                  "adapter.", choices=DATASETS)
+    hw: int = opt(10, HW_HELP, min=1)
+    fw: int = opt(20, FW_HELP, min=1)
+    step: int = opt(15, STEP_HELP, min=1)
 
-    def steps(self, num_samples: int) -> int:
+    def check(self) -> None:
+        super().check()
+        if self.epochs <= 0:
+            raise NetLLMError(f"--epochs: must be > 0, got {self.epochs!r}")
+        self.window()
+
+    def window(self) -> WindowSpec:
+        return WindowSpec(hw=self.hw, fw=self.fw, step=self.step)
+
+    def total_steps(self, num_samples: int) -> int:
+        """``steps`` when given, else ``epochs`` passes over ``num_samples`` windows."""
+        if self.steps is not None:
+            return self.steps
         return max(1, math.ceil(self.epochs * num_samples / self.batch_size))
+
+
+def recipe_of(options: VPRecipe) -> VPRecipe:
+    """The plain recipe of adapt / bench options (their own fields dropped)."""
+    return VPRecipe(**{f.name: getattr(options, f.name) for f in dataclasses.fields(VPRecipe)})
+
+
+# the recipe fields the LSTM baseline uses too (the others are the NetLLM adapter's)
+LSTM_SHARED = ("dataset", "hw", "fw", "step", "seed")
+
+
+@dataclass
+class VPAdaptOptions(VPRecipe):
+    """``netllm adapt vp``: the recipe, or (``--model lstm``) the LSTM baseline with its
+    own recipe (LSTMRecipe's defaults: 1 layer of 128, 20 epochs, batch 64, lr 1e-3)."""
+
+    model: str = opt("netllm", "netllm: adapt the LLM; lstm: train the LSTM baseline (the --lstm-* options).",
+                     choices=("netllm", "lstm"))
+    lstm_hidden: int = opt(LSTMRecipe.hidden, "LSTM baseline: hidden size.", min=1)
+    lstm_layers: int = opt(LSTMRecipe.layers, "LSTM baseline: layers of encoder and decoder.", min=1)
+    lstm_epochs: int = opt(LSTMRecipe.epochs, "LSTM baseline: epochs (the best on the valid split is kept).",
+                           min=1)
+    lstm_batch_size: int = opt(LSTMRecipe.batch_size, "LSTM baseline: windows per step.", min=1)
+    lstm_lr: float = opt(LSTMRecipe.lr, "LSTM baseline: learning rate (Adam).", min=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.lstm_lr <= 0:
+            raise NetLLMError(f"--lstm-lr: must be > 0, got {self.lstm_lr!r}")
+        # an option of the other model would be silently ignored: say so instead
+        defaults = VPAdaptOptions()
+        lstm_only = [f.name for f in dataclasses.fields(self) if f.name.startswith("lstm_")]
+        netllm_only = [f.name for f in dataclasses.fields(VPRecipe) if f.name not in LSTM_SHARED]
+        for name in (netllm_only if self.model == "lstm" else lstm_only):
+            if getattr(self, name) != getattr(defaults, name):
+                option = "--" + name.replace("_", "-")
+                if self.model == "lstm":
+                    raise NetLLMError(f"{option}: an option of the NetLLM adapter; --model lstm takes "
+                                      "--lstm-hidden/--lstm-layers/--lstm-epochs/--lstm-batch-size/--lstm-lr")
+                raise NetLLMError(f"{option}: an option of --model lstm")
+
+    def lstm_recipe(self) -> LSTMRecipe:
+        return LSTMRecipe(hidden=self.lstm_hidden, layers=self.lstm_layers, epochs=self.lstm_epochs,
+                          batch_size=self.lstm_batch_size, lr=self.lstm_lr, seed=self.seed, hw=self.hw, fw=self.fw)
+
+
+@dataclass
+class VPEvalOptions(Options):
+    dataset: str = opt("Jin2022", "Data set whose split is evaluated.", choices=DATASETS)
+    split: str = opt("test", "Split (a test window: an unseen user on an unseen video).", choices=SPLIT_NAMES)
+    hw: int = opt(10, HW_HELP, min=1)
+    fw: int = opt(20, FW_HELP, min=1)
+    step: int = opt(15, STEP_HELP, min=1)
+
+    def check(self) -> None:
+        super().check()
+        self.window()
+
+    def window(self) -> WindowSpec:
+        return WindowSpec(hw=self.hw, fw=self.fw, step=self.step)
+
+
+CONTROLS = ("random",)
+BENCH_BASELINES = ("no-motion", "velocity", "lr")
+
+
+@dataclass
+class VPBenchOptions(VPRecipe):
+    """The whole pipeline; the recipe fields are the adaptation's (same defaults as adapt)."""
+
+    seeds: str = opt("0", "Training seeds: one NetLLM adaptation (per variant) and one LSTM per seed "
+                          "(replaces --seed).")
+    controls: str = opt("random", "Controls trained beside NetLLM: random (the same recipe on random LLM "
+                                  "weights), none.")
+
+    def check(self) -> None:
+        from netllm.utils import parse_seeds
+
+        super().check()
+        parse_seeds(self.seeds)
+        split_list(self.controls, "--controls", [*CONTROLS, "none"])
+        if self.seed != VPRecipe.seed:
+            raise NetLLMError("--seed: the benchmark trains one run per training seed; pass --seeds instead")
+
+
+# ----------------------------------------------------------------------------- adaptation
 
 
 def batches(samples: Samples, batch_size: int, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
@@ -256,34 +359,23 @@ def vp_loss(model: NetLLM, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return loss, {"tokens": float(n * hw), "samples": float(n), "mae_deg": loss.item() * ANGLE_SCALE}
 
 
-def adapt(train_samples: Samples, out: Path, recipe: AdaptRecipe, *, valid: Samples | None = None,
+def adapt(train_samples: Samples, out: Path, recipe: VPRecipe, *, valid: Samples | None = None,
           device: str = "auto", resume: bool = False, progress: bool = True) -> Path:
-    """Supervised DD-LRNA for VP. With ``valid``, the adapter kept is the best on it."""
-    from netllm.train import TrainConfig, train
-
+    """Supervised DD-LRNA for VP; returns the adapter folder. With ``valid``, the adapter
+    kept is the one with the lowest MAE on it (``extra.best.mae`` of its config)."""
     seed_everything(recipe.seed)
     config = model_config(llm=recipe.llm, layers=recipe.layers, rank=recipe.rank, hw=recipe.hw, fw=recipe.fw,
                           pretrained=recipe.pretrained, seed=recipe.seed)
     model = build_model(config, device=device)
-    steps = recipe.steps(len(train_samples))
-    t0 = time.perf_counter()
-    keeper = BestAdapter(out, "mae", higher_is_better=False, extra=lambda: {
-        "recipe": asdict(recipe), "train_samples": len(train_samples), "train_seconds": time.perf_counter() - t0})
-
-    eval_fn = None
+    validate = None
     if valid is not None:
-        def eval_fn(m: Any, step: int) -> dict[str, float]:
-            mae = float(evaluate(NetLLMVPPolicy(m), valid)[0].mean)
-            keeper.update(m, mae, step)
-            return {"valid_mae_deg": mae}
+        def validate(m: NetLLM) -> float:
+            return evaluate(NetLLMVPPolicy(m), valid)[0].mean
 
-    train_config = TrainConfig(steps=steps, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, steps // 4),
-                               weight_decay=recipe.weight_decay, eval_every=recipe.eval_every if valid else 0,
-                               checkpoint_every=max(steps // 10, 50), log_every=10, seed=recipe.seed,
-                               progress=progress, schedule="cosine", min_lr=recipe.lr / 10)
-    train(model, batches(train_samples, recipe.batch_size, recipe.seed), vp_loss, train_config, out / "train",
-          eval_fn=eval_fn, resume=resume)
-    return keeper.finish(model)
+    return run_adaptation(model, batches(train_samples, recipe.batch_size, recipe.seed), vp_loss, recipe, out,
+                          steps=recipe.total_steps(len(train_samples)), metric="mae", higher_is_better=False,
+                          validate=validate, resume=resume, progress=progress, min_lr=recipe.lr / 10,
+                          extra=lambda: {"train_samples": len(train_samples)})
 
 
 # ----------------------------------------------------------------------------- the task
@@ -294,112 +386,112 @@ class VPTask(Task):
     kind = "prediction"
     metric = "mae_deg"
     higher_is_better = False
+    summary = "viewport prediction for 360° video (Jin2022, Wu2017 head motion); MAE in degrees, lower is better."
+    Recipe = VPRecipe
+    AdaptOptions = VPAdaptOptions
+    EvalOptions = VPEvalOptions
+    BenchOptions = VPBenchOptions
 
-    def model_config(self) -> NetLLMConfig:
-        return model_config()
+    def datasets(self) -> tuple[Any, ...]:
+        from netllm.tasks.vp import datasets
 
-    def baselines(self) -> dict[str, Callable[..., Any]]:
-        return {name: (lambda n=name: make_baseline(n)) for name in BASELINES}
+        return datasets.GROUPS
 
-    def evaluate(self, policy: Any, seeds: list[int], dataset: str = "Jin2022", split: str = "test",
-                 **_: Any) -> Metrics:
-        return evaluate(policy, load_samples(dataset, split), seeds)[0]
+    def manifest(self) -> str:
+        from netllm.tasks.vp import datasets
 
-    # -- CLI -----------------------------------------------------------------------------
+        return datasets.manifest()
 
-    def eval_cli(self, policies: list[str], seeds: list[int], out: Path, device: str = "auto",
-                 dataset: str = "Jin2022", split: str = "test", hw: int | str = 10, fw: int | str = 20,
-                 step: int | str = 15) -> dict[str, Metrics]:
-        spec = _window_spec(hw, fw, step)
-        samples = load_samples(dataset, split, spec)
-        made = [make_policy(p, spec.fw, device=device) for p in policies]  # fail fast on a bad name
-        prepare_run_dir(out, {"command": "eval vp", "policies": policies, "dataset": dataset, "split": split,
-                              "window": spec.to_dict()})
+    def post_fetch(self, root: Path) -> None:
+        from netllm.tasks.vp import datasets
+
+        datasets.post_fetch(root)
+
+    def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
+        r = recipe if isinstance(recipe, VPRecipe) else VPRecipe()
+        return model_config(llm=r.llm, layers=r.layers, rank=r.rank, hw=r.hw, fw=r.fw, pretrained=r.pretrained,
+                            seed=r.seed)
+
+    def baselines(self) -> dict[str, Callable[[VPEvalOptions], Any]]:
+        return {name: (lambda options, n=name: make_baseline(n, options.fw)) for name in BASELINES}
+
+    def policy_from_run(self, folder: Path, options: VPEvalOptions, device: str = "auto") -> Any:
+        """An LSTM run (``netllm adapt vp --model lstm``) or a NetLLM adapter, trained for
+        the window of ``options``."""
+        policy: LSTMPredictor | NetLLMVPPolicy
+        if (folder / LSTM_CONFIG).is_file():
+            policy = LSTMPredictor.load(folder)
+        elif (folder / ADAPTER_CONFIG).is_file():
+            policy = NetLLMVPPolicy.from_adapter(folder, device=device)
+        else:
+            raise NetLLMError(f"--policy {folder}: holds neither a VP LSTM run ({LSTM_CONFIG}) nor a NetLLM "
+                              f"adapter ({ADAPTER_CONFIG})")
+        _check_window(policy, options.window(), str(folder))
+        return policy
+
+    def check_adapt(self, recipe: VPAdaptOptions) -> None:
+        from netllm.data import dataset_path
+
+        dataset_path("vp", "viewports", recipe.dataset)  # no data: one line, before the run folder
+
+    def evaluate(self, policies: dict[str, Any], seeds: list[int], options: VPEvalOptions,
+                 out: Path) -> dict[str, Metrics]:
+        spec = options.window()
+        samples = load_samples(options.dataset, options.split, spec)
+        for label, policy in policies.items():
+            _check_window(policy, spec, label)
         results: dict[str, Metrics] = {}
         horizons: dict[str, np.ndarray] = {}
-        for name, policy in zip(policies, made):
-            label = getattr(policy, "name", name) if Path(name).is_dir() else name
-            _check_window(policy, spec, name)
+        for label, policy in policies.items():
             t0 = time.perf_counter()
             results[label], horizons[label] = evaluate(policy, samples, seeds)
             console.print(f"{label}: {time.perf_counter() - t0:.1f} s")
-        write_vp_results(out, results, horizons,
-                         title=f"VP on {dataset}/{split} ({len(samples)} windows, hw={spec.hw}, fw={spec.fw})")
+        write_vp_results(out, results, horizons, title=f"VP on {options.dataset}/{options.split} "
+                                                       f"({len(samples)} windows, hw={spec.hw}, fw={spec.fw})")
         return results
 
-    def adapt(self, pool: list[Path], out: Path, llm: str, device: str, layers: int | None, rank: int,
-              steps: int | None, epochs: float | None, context: int, seeds: list[int], resume: bool,
-              pretrained: bool, model: str = "netllm", dataset: str = "Jin2022", batch_size: int | str | None = None,
-              lr: float | str | None = None, hw: int | str = 10, fw: int | str = 20, step: int | str = 15) -> Path:
-        if pool:
-            raise NetLLMError("--pool: VP adaptation is supervised on the data set; it takes no experience pool")
-        spec = _window_spec(hw, fw, step)
-        train_samples = load_samples(dataset, "train", spec)
-        valid = load_samples(dataset, "valid", spec)
-        if model == "lstm":
-            recipe = LSTMRecipe(hw=spec.hw, fw=spec.fw, seed=seeds[0])  # its own defaults unless given
-            if lr is not None:
-                recipe.lr = float(lr)
-            if batch_size is not None:
-                recipe.batch_size = int(batch_size)
-            if epochs is not None:
-                recipe.epochs = int(epochs)
-            prepare_run_dir(out, {"command": "adapt vp --model lstm", "dataset": dataset, **asdict(recipe)})
-            train_lstm(train_samples, valid, recipe, out, log=console.print)
+    def adapt(self, out: Path, recipe: VPAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
+        """The NetLLM adapter of the recipe, or (``--model lstm``) the LSTM baseline's run."""
+        spec = recipe.window()
+        train_samples = load_samples(recipe.dataset, "train", spec)
+        valid = load_samples(recipe.dataset, "valid", spec)
+        if recipe.model == "lstm":
+            train_lstm(train_samples, valid, recipe.lstm_recipe(), out, log=console.print)
             console.print(f"LSTM run: {out}")
             return out
-        if model != "netllm":
-            raise NetLLMError(f"--model: must be netllm or lstm, got {model!r}")
-        recipe = AdaptRecipe(llm=llm, layers=layers if layers is not None else 6, rank=rank, hw=spec.hw,
-                             fw=spec.fw, pretrained=pretrained, seed=seeds[0])
-        if lr is not None:
-            recipe.lr = float(lr)
-        if batch_size is not None:
-            recipe.batch_size = int(batch_size)
-        if epochs is not None:
-            recipe.epochs = float(epochs)
-        elif steps is not None:
-            recipe.epochs = steps * recipe.batch_size / len(train_samples)
-        prepare_run_dir(out, {"command": "adapt vp", "dataset": dataset, **asdict(recipe)})
-        adapter = adapt(train_samples, out, recipe, valid=valid.subset(slice(0, None, 4)), device=device,
-                        resume=resume)
-        console.print(f"adapter: {adapter}")
-        return adapter
+        return adapt(train_samples, out, recipe_of(recipe), valid=valid.subset(slice(0, None, VALID_STRIDE)),
+                     device=device, resume=resume)
 
     # -- benchmark ---------------------------------------------------------------------------
 
-    def bench(self, out: Path, llm: str = "smollm2", device: str = "auto", layers: int | str = 6,
-              epochs: float | str = 1.0, rank: int | str = 32, seeds: str = "0", controls: str = "random",
-              batch_size: int | str = 32) -> dict[str, Any]:
-        """Train NetLLM (+ controls) and the LSTM on Jin2022, test on Jin2022 and Wu2017 test splits.
+    def bench(self, options: VPBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
+        """Train NetLLM (+ controls) and the LSTM on ``--dataset`` (Jin2022), one run per
+        training seed; test on the Jin2022 and Wu2017 test splits.
 
         Finished stages are reused when the benchmark is run again with the same --out.
         """
         from netllm.utils import parse_seeds
 
-        layers, rank, epochs, batch = int(layers), int(rank), float(epochs), int(batch_size)
-        train_seeds = parse_seeds(seeds)
-        prepare_run_dir(out, {"command": "bench vp", "llm": llm, "layers": layers, "epochs": epochs, "rank": rank,
-                              "seeds": train_seeds, "controls": controls})
-        spec = WindowSpec()
-        train_samples = load_samples("Jin2022", "train", spec)
-        valid = load_samples("Jin2022", "valid", spec).subset(slice(0, None, 4))
+        train_seeds = parse_seeds(options.seeds)
+        recipe = recipe_of(options)
+        spec = recipe.window()
+        train_samples = load_samples(recipe.dataset, "train", spec)
+        valid = load_samples(recipe.dataset, "valid", spec).subset(slice(0, None, VALID_STRIDE))
         summary: dict[str, Any] = {"wall_s": {}, "train_samples": len(train_samples)}
+        label = f"netllm-{Path(recipe.llm).name}"
+        variants = {label: recipe}
+        if "random" in split_list(options.controls, "--controls"):
+            variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
         runs: dict[str, list[Path]] = {}
-        variants = {f"netllm-{Path(llm).name}": True}
-        if "random" in controls:
-            variants[f"netllm-{Path(llm).name}-random-init"] = False
-        for label, pretrained in variants.items():
+        for name, variant in variants.items():
             for s in train_seeds:
-                folder = out / f"{label}-seed{s}"
-                runs.setdefault(label, []).append(folder)
-                recipe = AdaptRecipe(llm=llm, layers=layers, rank=rank, epochs=epochs, batch_size=batch,
-                                     pretrained=pretrained, seed=s)
-                if (folder / ADAPTER_CONFIG).is_file() and completed_steps(folder / "train") >= recipe.steps(
-                        len(train_samples)):
+                folder = out / f"{name}-seed{s}"
+                runs.setdefault(name, []).append(folder)
+                seeded = dataclasses.replace(variant, seed=s)
+                if stage_done(folder, seeded.total_steps(len(train_samples))):
                     continue
                 t0 = time.perf_counter()
-                adapt(train_samples, folder, recipe, valid=valid, device=device, resume=True)
+                adapt(train_samples, folder, seeded, valid=valid, device=device, resume=True)
                 summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
         lstm_dirs = []
         for s in train_seeds:
@@ -407,48 +499,43 @@ class VPTask(Task):
             lstm_dirs.append(folder)
             if not (folder / LSTM_CONFIG).is_file():
                 t0 = time.perf_counter()
-                train_lstm(train_samples, valid, LSTMRecipe(seed=s), folder, log=lambda *_: None)
+                train_lstm(train_samples, valid, LSTMRecipe(seed=s, hw=spec.hw, fw=spec.fw), folder,
+                           log=lambda *_: None)
                 summary["wall_s"][f"train {folder.name}"] = time.perf_counter() - t0
-        for dataset in ("Jin2022", "Wu2017"):
+        for dataset in DATASETS:
+            test_options = VPEvalOptions(dataset=dataset, split="test", hw=spec.hw, fw=spec.fw, step=spec.step)
             test = load_samples(dataset, "test", spec)
             results: dict[str, Metrics] = {}
             horizons: dict[str, np.ndarray] = {}
-            for b in ("no-motion", "velocity", "lr"):
-                results[b], horizons[b] = evaluate(make_baseline(b), test)
-            groups = {"lstm": lstm_dirs, **runs}
-            for label, folders in groups.items():
-                per_seed, rows_first, h_sum, parts_sum = {}, None, 0.0, {}
+            for b in BENCH_BASELINES:
+                results[b], horizons[b] = evaluate(load_policy(self, b, test_options, device), test)
+            for group, folders in {"lstm": lstm_dirs, **runs}.items():
+                per_seed: dict[int, float] = {}
+                rows_first: list[dict[str, Any]] = []
+                h_sum: np.ndarray | float = 0.0
+                parts_sum: dict[str, float] = {}
                 for s, folder in zip(train_seeds, folders):
                     t0 = time.perf_counter()
-                    m, h = evaluate(make_policy(str(folder), device=device), test, [s])
+                    m, h = evaluate(load_policy(self, str(folder), test_options, device), test, [s])
                     summary["wall_s"][f"eval {folder.name} {dataset}"] = time.perf_counter() - t0
                     per_seed[s] = m.per_seed[s]
                     rows_first = rows_first or m.rows
                     h_sum = h_sum + h / len(folders)
                     for k, v in m.parts.items():
                         parts_sum[k] = parts_sum.get(k, 0.0) + v / len(folders)
-                results[label] = Metrics("mae_deg", False, per_seed, parts=parts_sum, rows=rows_first or [])
-                horizons[label] = np.asarray(h_sum)
+                results[group] = Metrics("mae_deg", False, per_seed, parts=parts_sum, rows=rows_first)
+                horizons[group] = np.asarray(h_sum)
             write_vp_results(out / dataset, results, horizons,
-                             title=f"VP: trained on Jin2022, tested on {dataset}/test ({len(test)} windows)")
+                             title=f"VP: trained on {recipe.dataset}, tested on {dataset}/test ({len(test)} windows)")
             summary[dataset] = {n: m.summary() for n, m in results.items()}
-        summary["speed"] = speed_report(runs[next(iter(runs))][0], device=device)
+        summary["speed"] = speed_report(runs[label][0], device=device)
         atomic_write_json(out / "bench.json", summary)
         console.print(f"written: {out / 'bench.json'}")
         return summary
 
 
-def _window_spec(hw: int | str, fw: int | str, step: int | str) -> WindowSpec:
-    values = {}
-    for name, value in (("hw", hw), ("fw", fw), ("step", step)):
-        try:
-            values[name] = int(value)
-        except (TypeError, ValueError):
-            raise NetLLMError(f"--{name}: must be a positive integer, got {value!r}") from None
-    return WindowSpec(**values)
-
-
 def _check_window(policy: Any, spec: WindowSpec, name: str) -> None:
+    """A policy trained for another window (NetLLM: hw and fw; LSTM: fw) names both."""
     hw, fw = getattr(policy, "hw", spec.hw), getattr(policy, "fw", spec.fw)
     if (hw, fw) != (spec.hw, spec.fw):
         raise NetLLMError(f"--policy {name}: trained for hw={hw}, fw={fw}; the evaluation uses hw={spec.hw}, "
@@ -458,7 +545,7 @@ def _check_window(policy: Any, spec: WindowSpec, name: str) -> None:
 def speed_report(adapter: Path, device: str = "auto", batch: int = 64, repeats: int = 3) -> dict[str, float]:
     """Predictions/s of the one-pass head vs the upstream autoregressive loop, same model and batch."""
     policy = NetLLMVPPolicy.from_adapter(adapter, device=device)
-    history = load_samples("Jin2022", "test").history[:batch]
+    history = load_samples("Jin2022", "test", WindowSpec(hw=policy.hw, fw=policy.fw)).history[:batch]
     with torch.no_grad():
         policy.predict(history)  # warm-up
         t0 = time.perf_counter()
@@ -474,3 +561,6 @@ def speed_report(adapter: Path, device: str = "auto", batch: int = 64, repeats: 
                   f"autoregressive loop of {policy.fw} LLM calls {report['autoregressive_predictions_per_s']:.1f} "
                   f"pred/s ({report['speedup']:.1f}x)")
     return report
+
+
+TASK = VPTask()

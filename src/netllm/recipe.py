@@ -1,0 +1,131 @@
+"""One adaptation recipe and one adaptation pipeline, shared by every task.
+
+A task's recipe is a subclass of :class:`Recipe` (its own defaults and extra fields);
+its ``adapt`` builds the model, a deterministic ``get_batch(i)``, a loss and an optional
+validation function, and hands them to :func:`run_adaptation`, which trains, keeps
+the adapter that is best on validation (or the last one without validation) and writes
+the run's details into the adapter. :func:`stage_done` tells a benchmark which
+adaptations it can reuse, :func:`load_policy` turns a baseline name or a run folder
+into a policy, and :func:`decision_speed` is the one speed report of decision tasks.
+
+    recipe = ABRRecipe(layers=4, steps=2000)        # every default in one place
+    adapter = task.adapt(data, Path("runs/abr"), recipe)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from netllm.options import Options, opt
+from netllm.utils import NetLLMError
+
+if TYPE_CHECKING:
+    from netllm.model import NetLLM
+    from netllm.tasks.base import Task
+
+
+@dataclass
+class Recipe(Options):
+    """Hyper-parameters of one adaptation (LoRA + encoders + heads on a frozen LLM)."""
+
+    llm: str = opt("smollm2", "Backbone: smollm2, a .gguf file, a model folder, a Hugging Face id, "
+                              "or 'scratch' (a small transformer from scratch, the control).")
+    layers: int | None = opt(6, "Keep only the first N decoder layers (default of the backbone if unset).", min=1)
+    rank: int = opt(16, "LoRA rank on the attention projections (0: no LoRA).", min=0)
+    batch_size: int = opt(16, "Samples per optimizer step.", min=1)
+    steps: int = opt(2000, "Optimizer steps.", min=1)
+    epochs: float | None = opt(None, "Passes over the training data; replaces --steps when given.", min=0)
+    lr: float = opt(3e-4, "Peak learning rate (AdamW).", min=0)
+    warmup_steps: int = opt(100, "Linear warm-up steps (at most a quarter of the run).", min=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay of the matrices.", min=0)
+    schedule: str = opt("constant", "Learning rate after warm-up.", choices=("constant", "linear", "cosine"))
+    eval_every: int = opt(250, "Validate every N steps and keep the best adapter (0: keep the last).", min=0)
+    pretrained: bool = opt(True, "Pretrained LLM weights, or random ones (the control).",
+                           flag="--pretrained/--random-init")
+    seed: int = opt(0, "Training seed (initialisation, batches).", min=0)
+
+    def check(self) -> None:
+        super().check()
+        if self.lr <= 0:
+            raise NetLLMError(f"--lr: must be > 0, got {self.lr!r}")
+
+    def total_steps(self, num_samples: int) -> int:
+        """``steps``, or ``epochs`` passes over ``num_samples`` training samples."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * num_samples / self.batch_size))
+        return self.steps
+
+
+def run_adaptation(model: "NetLLM", get_batch: Callable[[int], Any], loss_fn: Callable[..., Any],
+                   recipe: Recipe, out: Path, *, steps: int, metric: str, higher_is_better: bool,
+                   validate: Callable[["NetLLM"], float] | None = None,
+                   extra: Callable[[], dict[str, Any]] | None = None, resume: bool = False,
+                   progress: bool = True, min_lr: float = 0.0) -> Path:
+    """Train ``model`` by ``recipe`` and keep the adapter that is best on ``validate``
+    (every ``recipe.eval_every`` steps; the last weights without validation) in ``out``.
+
+    ``extra()`` adds the task's run details (target return, pool, ...) to the adapter's
+    config, beside the recipe and the training time. Returns the adapter folder.
+    """
+    from netllm.model import BestAdapter
+    from netllm.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+
+    def details() -> dict[str, Any]:
+        return {"recipe": asdict(recipe), **(extra() if extra else {}), "train_seconds": time.perf_counter() - t0}
+
+    keeper = BestAdapter(out, metric, higher_is_better=higher_is_better, extra=details, resume=resume)
+    eval_fn = None
+    if validate is not None and recipe.eval_every > 0:
+        def eval_fn(m: Any, step: int) -> dict[str, float]:
+            m.eval()
+            score = float(validate(m))
+            keeper.update(m, score, step)
+            return {metric: score}
+
+    config = TrainConfig(steps=steps, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, steps // 4),
+                         weight_decay=recipe.weight_decay, schedule=recipe.schedule,  # type: ignore[arg-type]
+                         min_lr=min_lr, eval_every=recipe.eval_every if eval_fn else 0,
+                         checkpoint_every=max(steps // 10, 25), log_every=10, seed=recipe.seed,
+                         progress=progress)
+    train(model, get_batch, loss_fn, config, out / "train", eval_fn=eval_fn, resume=resume)
+    return keeper.finish(model)
+
+
+def stage_done(folder: Path, steps: int) -> bool:
+    """Whether ``folder`` holds a finished adaptation of ``steps`` steps (a benchmark reuses it)."""
+    from netllm.checkpoint import completed_steps
+    from netllm.model import ADAPTER_CONFIG
+
+    return (folder / ADAPTER_CONFIG).is_file() and completed_steps(folder / "train") >= steps
+
+
+def load_policy(task: "Task", name: str, options: Any, device: str = "auto") -> Any:
+    """A policy of ``task``: a run folder (a trained adapter, or another run the task
+    knows) or a baseline name. A bad name is a one-line error listing the baselines."""
+    path = Path(name)
+    if path.is_dir():
+        return task.policy_from_run(path, options, device)
+    baselines = task.baselines()
+    if name in baselines:
+        return baselines[name](options)
+    if path.exists() or "/" in name or name.startswith("."):
+        raise NetLLMError(f"--policy {name}: not a run folder")
+    raise NetLLMError(f"--policy {name}: not a baseline of {task.name} ({', '.join(baselines)}) "
+                      "nor a run folder")
+
+
+def decision_speed(play: Callable[[bool], tuple[float, int]]) -> dict[str, float]:
+    """The decision-latency report of a decision task: ``play(use_cache)`` runs the
+    policy for a while and returns (wall seconds, decisions); KV cache vs recompute."""
+    report: dict[str, float] = {}
+    for use_cache in (True, False):
+        wall, decisions = play(use_cache)
+        report["decision_ms_kv_cache" if use_cache else "decision_ms_full_recompute"] = wall / decisions * 1e3
+    report["kv_cache_speedup"] = report["decision_ms_full_recompute"] / report["decision_ms_kv_cache"]
+    return report
