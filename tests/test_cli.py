@@ -140,3 +140,69 @@ def test_written_json_is_strict(tmp_path):
     with pytest.raises((NetLLMError, ValueError)):
         atomic_write_json(tmp_path / "bad.json", {"a": float("inf")})
     assert not (tmp_path / "bad.json").exists()
+
+
+# a bad value of every free-text option (the typed ones get one from their type)
+BAD_TEXT = {
+    "llm": "/no/such/model.gguf", "traces": "no-such-traces", "valid_traces": "no-such-traces",
+    "video": "no-such-video", "valid_video": "no-such-video", "videos": "video1,no-such-video",
+    "pool_videos": "no-such-video", "seeds": "x", "pool_seeds": "3-1", "behaviour": "no-such-policy",
+    "baselines": "no-such-policy", "policies": "no-such-policy", "controls": "no-such-control",
+    "settings": "default,no-such-setting", "decode": "greedy",
+}
+# what an eval / collect needs besides the option under test
+POLICY = {"abr": "bba", "cjs": "fifo", "vp": "no-motion"}
+
+
+def _bad_values(f, kind) -> list[str]:
+    if kind is bool:
+        return []  # a flag has no bad value
+    if kind is list:
+        return ["/no/such/pool.npz"]
+    if kind in (int, float):
+        lo = f.metadata.get("min")
+        return ["x"] + ([f"{lo - 1:g}"] if lo is not None else [])
+    if f.metadata.get("choices"):
+        return ["no-such-choice"]
+    assert f.name in BAD_TEXT, f"add a bad value for the text option {f.name!r} to BAD_TEXT"
+    return [BAD_TEXT[f.name]]
+
+
+def _cases():
+    from netllm.options import fields_of
+
+    for group, task, cls, _ in _task_commands():
+        if task.name not in POLICY:
+            continue  # a plug-in installed beside: its own tests cover it
+        for f, kind, _optional in fields_of(cls):
+            for value in _bad_values(f, kind):
+                yield pytest.param(group, task.name, f.name, value, id=f"{group}-{task.name}-{f.name}={value}")
+
+
+@pytest.mark.parametrize("group, task_name, field, value", list(_cases()))
+def test_every_bad_option_is_one_line_exit_2_before_any_work(group, task_name, field, value, tmp_path,
+                                                             capsys, monkeypatch, real_data):
+    """Each option of each task command, given a bad value: one line naming it, exit code 2,
+    no run folder, and no task work started (the task's commands are replaced by a trap)."""
+    from netllm.cli import main
+    from netllm.options import option_name
+    from netllm.registry import get_task
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    task = get_task(task_name)
+    for method in ("evaluate", "adapt", "collect", "bench"):
+        monkeypatch.setattr(task, method, lambda *a, **k: pytest.fail(f"work started despite {field}={value!r}"))
+    out = tmp_path / "run"
+    args = [group, task_name, option_name(field), value, "--out", str(out)]
+    if group in ("eval", "collect"):
+        args += ["--policy", POLICY[task_name]]
+    if group == "adapt" and field != "pool":
+        pool = tmp_path / "pool.npz"
+        pool.write_bytes(b"")
+        args += ["--pool", str(pool)] if task_name != "vp" else []
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2, err
+    assert len(err) == 1 and err[0].startswith("error:") and option_name(field) in err[0], err
+    assert not out.exists()

@@ -248,3 +248,31 @@ def test_abr_start_indices_follow_the_loaded_traces(abr_folder, monkeypatch):
     loaded = load_abr_traces(abr_folder)
     assert upstream_start_indices(abr_folder).tolist() == [11, 12, 13, 14, 15, 16]
     assert upstream_start_indices(abr_folder, traces=loaded).tolist() == [11, 16]
+
+
+def test_cli_eval_records_skipped_files_and_strict_stops(abr_folder, real_data, tmp_path):
+    """`netllm eval abr` on a dirty folder: one warning line per bad file, results.json
+    lists them; --strict makes the first one an error (one line, exit 2, no results)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "netllm.cli", "eval", "abr", "--policy", "bba",
+                               "--traces", str(abr_folder), "--setting", "random", *args],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "NETLLM_DATA": str(real_data)})
+
+    out = tmp_path / "eval"
+    done = cli("--out", str(out))
+    assert done.returncode == 0, done.stderr
+    entry = json.loads((out / "results.json").read_text())["bba"]
+    assert entry["files_skipped"] == len(ABR_BAD)
+    assert [s["path"] for s in entry["skipped_files"]] == [str(abr_folder / n) for n in ABR_BAD]
+    strict = tmp_path / "strict"
+    stopped = cli("--strict", "--out", str(strict))
+    assert stopped.returncode == 2 and "Traceback" not in stopped.stderr
+    err = [line for line in stopped.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "b_backwards" in err[0] and "time does not increase" in err[0], stopped.stderr
+    assert not (strict / "results.json").exists()

@@ -327,15 +327,16 @@ def build_app() -> typer.Typer:
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
-def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+def main(args: list[str] | None = None) -> None:
+    """Entry point (``args``: the command line, default sys.argv): user errors become one
+    line on stderr and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     try:
-        build_app()(standalone_mode=False)
+        build_app()(args=args, prog_name="netllm", standalone_mode=False)
     except NetLLMError as e:
         Console(stderr=True).print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

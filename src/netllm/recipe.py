@@ -52,6 +52,10 @@ class Recipe(Options):
         super().check()
         if self.lr <= 0:
             raise NetLLMError(f"--lr: must be > 0, got {self.lr!r}")
+        # a path (not a Hugging Face id such as org/name) must exist before hours of work start
+        path_like = self.llm.startswith(("/", ".", "~")) or self.llm.endswith(".gguf")
+        if path_like and not Path(self.llm).expanduser().exists():
+            raise NetLLMError(f"--llm: no such model file or folder: {self.llm}")
 
     def total_steps(self, num_samples: int) -> int:
         """``steps``, or ``epochs`` passes over ``num_samples`` training samples."""

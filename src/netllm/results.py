@@ -29,11 +29,14 @@ def write_results(
     parts: Sequence[str] = (),
     reference: str | None = None,
     cdf_key: str | None = None,
+    skipped: Sequence[Any] = (),
 ) -> None:
     """Print the comparison table and write results.json, rows.csv, bar.png, cdf.png.
 
     ``reference`` names a policy (e.g. the oracle) every mean is reported against, in %.
     ``cdf_key`` is the per-row column whose distribution the CDF plot shows.
+    ``skipped``: the data files the loader left out (``SkippedFile``); every policy's
+    entry in results.json records them (``files_skipped``, ``skipped_files``).
     """
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
@@ -51,7 +54,11 @@ def write_results(
             row.append(f"{100 * m.mean / ref:.1f}" if ref else "-")
         table.add_row(*row)
     console.print(table)
-    atomic_write_json(out / "results.json", {name: m.summary() for name, m in results.items()})
+    data = {"files_skipped": len(skipped), "skipped_files": [f.to_dict() for f in skipped]}
+    if skipped:
+        console.print(f"[yellow]{len(skipped)} data file(s) skipped[/yellow] (listed in results.json; "
+                      "--strict makes a bad file an error)")
+    atomic_write_json(out / "results.json", {name: {**m.summary(), **data} for name, m in results.items()})
     rows = [{"policy": name, **r} for name, m in results.items() for r in m.rows]
     if rows:
         columns = list(dict.fromkeys(k for r in rows for k in r))

@@ -177,8 +177,8 @@ def prepare_run_dir(out: str | os.PathLike[str], config: dict[str, Any]) -> Path
     return out
 
 
-def parse_seeds(text: str) -> list[int]:
-    """Parse ``--seeds``: a list (``1,2,3``), a range (``1-10``) or a mix (``1-3,7``)."""
+def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
+    """Parse ``--seeds`` (or ``option``): a list (``1,2,3``), a range (``1-10``) or a mix (``1-3,7``)."""
     seeds: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -195,10 +195,10 @@ def parse_seeds(text: str) -> list[int]:
                 seeds.append(int(part))
         except ValueError:
             raise NetLLMError(
-                f"--seeds: cannot parse {text!r}; use a list (1,2,3) or a range (1-10)"
+                f"{option}: cannot parse {text!r}; use a list (1,2,3) or a range (1-10)"
             ) from None
     if not seeds:
-        raise NetLLMError(f"--seeds: no seed in {text!r}")
+        raise NetLLMError(f"{option}: no seed in {text!r}")
     return seeds
 
 

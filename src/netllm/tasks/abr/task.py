@@ -260,6 +260,23 @@ TRACE_HELP = "fcc-train, fcc-valid, fcc-test or a folder of trace files"
 VIDEO_HELP = "video1, video2 or a folder holding video_size_0..5"
 
 
+def check_traces(value: str, option: str) -> None:
+    """A trace set name or an existing folder / file (its contents are read later)."""
+    from netllm.tasks.abr.traces import TRACE_SPLITS
+
+    if value not in TRACE_SPLITS and not Path(value).exists():
+        raise NetLLMError(f"{option}: unknown trace set {value!r} ({TRACE_HELP})")
+
+
+def check_videos(value: str, option: str) -> None:
+    """Comma-separated video names or folders."""
+    from netllm.tasks.abr.traces import VIDEOS
+
+    for v in split_list(value, option):
+        if v not in VIDEOS and not Path(v).is_dir():
+            raise NetLLMError(f"{option}: unknown video {v!r} ({VIDEO_HELP})")
+
+
 @dataclass
 class ABRRecipe(Recipe):
     """Every hyper-parameter of ABR adaptation, visible in one place. The defaults are
@@ -272,6 +289,11 @@ class ABRRecipe(Recipe):
     valid_traces: str = opt("fcc-valid", f"Validation trace set ({TRACE_HELP}).")
     valid_count: int = opt(20, "Validate on the first N traces of --valid-traces.", min=1)
     valid_video: str = opt("video1", f"Validation video ({VIDEO_HELP}).")
+
+    def check(self) -> None:
+        super().check()
+        check_traces(self.valid_traces, "--valid-traces")
+        check_videos(self.valid_video, "--valid-video")
 
 
 @dataclass
@@ -293,6 +315,13 @@ class ABREvalOptions(Options):
     video: str = opt("video1", f"Video ({VIDEO_HELP}).")
     setting: str = opt("upstream", "upstream: no delay noise and the trace set's fixed start positions; "
                                    "random: delay noise and seeded random starts.", choices=("upstream", "random"))
+    strict: bool = opt(False, "A bad trace file (time going backwards, too short, an unreadable row) is an "
+                              "error, instead of being skipped with a warning and listed in results.json.")
+
+    def check(self) -> None:
+        super().check()
+        check_traces(self.traces, "--traces")
+        check_videos(self.video, "--video")
 
 
 @dataclass
@@ -301,6 +330,11 @@ class ABRCollectOptions(Options):
     video: str = opt("video1", "Video(s), comma-separated: episodes on each.")
     keep: str = opt("all", "all: every episode; best: per (trace, seed, video) the best policy's episode.",
                     choices=("all", "best"))
+
+    def check(self) -> None:
+        super().check()
+        check_traces(self.traces, "--traces")
+        check_videos(self.video, "--video")
 
 
 CONTROLS = ("random", "scratch")
@@ -325,15 +359,13 @@ class ABRBenchOptions(ABRRecipe):
         from netllm.utils import parse_seeds
 
         super().check()
-        parse_seeds(self.pool_seeds)
+        parse_seeds(self.pool_seeds, "--pool-seeds")
         parse_seeds(self.seeds)
         split_list(self.behaviour, "--behaviour", list(BASELINES))
         split_list(self.baselines, "--baselines", list(BASELINES))
         split_list(self.controls, "--controls", [*CONTROLS, "none"])
-        for option, videos in (("--videos", self.videos), ("--pool-videos", self.pool_videos)):
-            for v in split_list(videos, option):
-                if v not in ("video1", "video2") and not Path(v).is_dir():
-                    raise NetLLMError(f"{option}: unknown video {v!r} ({VIDEO_HELP})")
+        check_videos(self.videos, "--videos")
+        check_videos(self.pool_videos, "--pool-videos")
 
 
 # ----------------------------------------------------------------------------- adaptation
@@ -412,7 +444,7 @@ class ABRTask(Task):
         from netllm.results import write_results
         from netllm.tasks.abr.traces import load_traces, load_video
 
-        trace_set, vid = load_traces(options.traces), load_video(options.video)
+        trace_set, vid = load_traces(options.traces, strict=options.strict), load_video(options.video)
         env_options = env_setting(options.traces, options.setting)
         console.print("setting: " + ("upstream (no delay noise, fixed start positions)" if env_options
                                      else "random (delay noise, seeded random start positions)"))
@@ -424,7 +456,8 @@ class ABRTask(Task):
         write_results(out, results, title=f"ABR on {options.traces} / {vid.name} ({len(trace_set)} traces, "
                                           f"seeds {seeds})",
                       parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"),
-                      reference="oracle" if "oracle" in results else None, cdf_key="qoe")
+                      reference="oracle" if "oracle" in results else None, cdf_key="qoe",
+                      skipped=trace_set.skipped)
         return results
 
     def collect(self, policies: list[str], seeds: list[int], options: ABRCollectOptions, out: Path) -> Path:

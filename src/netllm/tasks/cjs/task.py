@@ -158,7 +158,7 @@ class CJSBenchOptions(CJSRecipe):
     def check(self) -> None:
         super().check()
         parse_seeds(self.seeds)
-        parse_seeds(self.pool_seeds)
+        parse_seeds(self.pool_seeds, "--pool-seeds")
         split_list(self.policies, "--policies", list(SCHEDULERS))
         split_list(self.behaviour, "--behaviour", list(SCHEDULERS))
         split_list(self.controls, "--controls", [*CONTROLS, "none"])

@@ -167,11 +167,12 @@ def evaluate(policy: Any, samples: Samples, seeds: Sequence[int] = (0,)) -> tupl
     return metrics, err.mean(axis=(0, 2))
 
 
-def write_vp_results(out: Path, results: dict[str, Metrics], horizons: dict[str, np.ndarray], title: str) -> None:
+def write_vp_results(out: Path, results: dict[str, Metrics], horizons: dict[str, np.ndarray], title: str,
+                     skipped: Sequence[Any] = ()) -> None:
     """The shared table / results.json / rows.csv, plus a box plot and an MAE-vs-horizon plot."""
     from netllm.results import write_results
 
-    write_results(out, results, title=title, parts=("roll_deg", "pitch_deg", "yaw_deg"))
+    write_results(out, results, title=title, parts=("roll_deg", "pitch_deg", "yaw_deg"), skipped=skipped)
     atomic_write_json(out / "horizon.json", {n: [float(x) for x in h] for n, h in horizons.items()})
     import matplotlib
 
@@ -300,6 +301,8 @@ class VPEvalOptions(Options):
     hw: int = opt(10, HW_HELP, min=1)
     fw: int = opt(20, FW_HELP, min=1)
     step: int = opt(15, STEP_HELP, min=1)
+    strict: bool = opt(False, "A bad data file (time going backwards, too short, an unreadable row) is an "
+                              "error, instead of being skipped with a warning and listed in results.json.")
 
     def check(self) -> None:
         super().check()
@@ -437,7 +440,7 @@ class VPTask(Task):
     def evaluate(self, policies: dict[str, Any], seeds: list[int], options: VPEvalOptions,
                  out: Path) -> dict[str, Metrics]:
         spec = options.window()
-        samples = load_samples(options.dataset, options.split, spec)
+        samples = load_samples(options.dataset, options.split, spec, strict=options.strict)
         for label, policy in policies.items():
             _check_window(policy, spec, label)
         results: dict[str, Metrics] = {}
@@ -447,7 +450,8 @@ class VPTask(Task):
             results[label], horizons[label] = evaluate(policy, samples, seeds)
             console.print(f"{label}: {time.perf_counter() - t0:.1f} s")
         write_vp_results(out, results, horizons, title=f"VP on {options.dataset}/{options.split} "
-                                                       f"({len(samples)} windows, hw={spec.hw}, fw={spec.fw})")
+                                                       f"({len(samples)} windows, hw={spec.hw}, fw={spec.fw})",
+                         skipped=samples.skipped)
         return results
 
     def adapt(self, out: Path, recipe: VPAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
