@@ -188,3 +188,28 @@ def test_every_bad_option_is_one_line_before_any_work(tmp_path, command, args, n
     assert len(err) == 1 and needle in err[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_demo_runs_again_and_again_with_the_same_numbers(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`netllm demo` replaces its own run folder, so a second run works and prints the same
+    numbers; a folder that is not a demo's is never deleted."""
+    from netllm.tasks.abr import task as abr
+    from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
+
+    monkeypatch.setattr(abr, "_genet_available", lambda: False)
+    data = abr.DemoData(synthetic_traces(4, seed=1), synthetic_traces(2, seed=3), synthetic_traces(3, seed=2),
+                        [synthetic_video(seed=0)], "GENERATED (test)", real=False)
+    recipe = abr.ABRRecipe(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=4, eval_every=2,
+                           warmup_steps=1)
+    out = tmp_path / "demo"
+    first = abr.run_demo(device="cpu", out=out, recipe=recipe, data=data)
+    second = abr.run_demo(device="cpu", out=out, recipe=recipe, data=data)
+    assert set(first) == {"bba", "mpc", "netllm"}
+    assert {n: m.mean for n, m in first.items()} == {n: m.mean for n, m in second.items()}
+    assert (out / "results.json").is_file() and "best baseline" in capsys.readouterr().out
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(NetLLMError, match="not a demo run folder"):
+        abr.run_demo(device="cpu", out=other, recipe=recipe, data=data)
+    assert (other / "notes.txt").is_file()

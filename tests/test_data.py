@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -293,6 +294,26 @@ def test_fetch_network_errors_name_the_url(tmp_path, server, manifest, monkeypat
     assert files_under(tmp_path) == {"upstream/" + manifest[p].upstream for p in FILES}
     with pytest.raises(NetLLMError, match="unknown task 'video'; installed tasks: abr, cjs, vp"):
         data.fetch("video", root=tmp_path, progress=False, manifest=manifest)
+
+
+def test_fetch_stops_early_when_nothing_can_be_fetched(tmp_path, monkeypatch):
+    """An unreachable source: after FAIL_FAST failures and no success the fetch stops,
+    instead of trying (and timing out on) every file of the manifest."""
+    monkeypatch.setattr(data, "RETRY_DELAY_S", 0.0)
+    many = data.build_manifest({f"abr/videos/video1_sizes/video_size_{i}": "0" * 64 for i in range(6)}
+                               | {f"abr/videos/video2_sizes/video_size_{i}": "0" * 64 for i in range(6)}
+                               | {f"abr/traces/test/fcc-test/t{i}": "0" * 64 for i in range(20)})
+    tried: list[str] = []
+
+    def unreachable(entry, root, base_url):
+        tried.append(entry.path)
+        time.sleep(0.05)  # a refused connection takes a while
+        raise NetLLMError(f"{entry.path}: download failed: {base_url}: connection refused")
+
+    monkeypatch.setattr(data, "_fetch_one", unreachable)
+    with pytest.raises(NetLLMError, match=r"the first 8 files of abr could not be fetched, none could; stopped"):
+        data.fetch("abr", root=tmp_path, base_url="http://127.0.0.1:9", progress=False, manifest=many, workers=1)
+    assert len(tried) <= data.FAIL_FAST + 2 < len(many)  # the files queued behind are cancelled
 
 
 # --------------------------------------------------------------------------- status

@@ -220,7 +220,7 @@ def _policies(task: Any, names: list[str], options: Any, device: str) -> dict[st
     made: dict[str, Any] = {}
     for name in names:
         policy = load_policy(task, name, options, device)
-        label = getattr(policy, "name", name) if Path(name).is_dir() else name
+        label = policy.name if Path(name).is_dir() else name
         made[label] = policy
     return made
 

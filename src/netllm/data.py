@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from netllm.tasks.base import Task
 
 DEFAULT_BASE_URL = "https://raw.githubusercontent.com/duowuyms/NetLLM/105bcf0"
+FAIL_FAST = 8  # failed files, with none fetched, after which a fetch stops
 DOWNLOAD_WORKERS = 8
 DOWNLOAD_TIMEOUT_S = 60.0
 DOWNLOAD_ATTEMPTS = 3
@@ -401,11 +402,17 @@ def fetch(
             total=len(todo), unit="file", desc=f"fetch {task}", disable=not progress
         ) as bar:
             futures = [pool.submit(_fetch_one, e, root, base_url) for e in todo]
+            fetched = 0
             for future in as_completed(futures):
                 try:
                     nbytes += future.result()
+                    fetched += 1
                 except NetLLMError as err:
                     errors.append(str(err))
+                    # nothing at all came through: the source is unreachable, do not try every file
+                    if fetched == 0 and len(errors) >= FAIL_FAST and len(todo) > len(errors):
+                        raise NetLLMError(f"the first {len(errors)} files of {task} could not be fetched, none "
+                                          f"could; stopped (is {base_url} reachable?): {sorted(errors)[0]}")
                 bar.update(1)
                 bar.set_postfix_str(f"{nbytes / 1e6:.1f} MB", refresh=False)
     finally:

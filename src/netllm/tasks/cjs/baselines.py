@@ -24,7 +24,6 @@ Every scheduler has ``name``, ``reset(seed)`` and ``act(obs) -> CJSAction``.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import random
@@ -46,7 +45,7 @@ SCHEDULERS: tuple[str, ...] = ("fifo", "fair", "decima")
 class Scheduler(Protocol):
     name: str
 
-    def reset(self, seed: int | None = None) -> None: ...
+    def reset(self, seed: int | None = None, rng: random.Random | None = None) -> None: ...
 
     def act(self, obs: CJSObservation) -> CJSAction: ...
 
@@ -191,10 +190,7 @@ def run_episode(env: CJSEnv, scheduler: Scheduler, seed: int | None = None,
     simulator's ``random`` stream, as upstream did (needed for seed-exact results)."""
     start = time.perf_counter()
     obs, info = env.reset(seed)
-    if share_rng and "rng" in inspect.signature(scheduler.reset).parameters:
-        scheduler.reset(seed, rng=env.rng)  # type: ignore[call-arg]
-    else:
-        scheduler.reset(seed)
+    scheduler.reset(seed, rng=env.rng if share_rng else None)
     total = 0.0
     while True:
         obs, reward, terminated, truncated, info = env.step(scheduler.act(obs))

@@ -40,7 +40,7 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.model import NetLLM, NetLLMConfig, read_adapter_config
 from netllm.options import opt
-from netllm.recipe import Recipe, run_adaptation
+from netllm.recipe import Recipe, decision_speed, run_adaptation
 from netllm.rl import (ExperiencePool, IncrementalPolicy, RLSpec, WindowBatch, WindowSampler, decision_hidden,
                        target_return)
 from netllm.tasks.cjs.baselines import EpisodeResult, make_scheduler, run_episode
@@ -372,9 +372,12 @@ def speed_report(adapter: Path, device: str = "auto", decisions: int = 300, jobs
     res = run_episode(CJSEnv(num_jobs=jobs), make_scheduler("fifo"), seed=seed)
     report["sim_events_per_s_fifo"] = res.events_per_s
     policy = NetLLMCJSPolicy.from_adapter(adapter, device=device)
-    for use_cache in (True, False):
+
+    def play(use_cache: bool) -> tuple[float, int]:
         policy.use_cache = use_cache
         r = run_netllm_episode(CJSEnv(num_jobs=jobs), policy, seed=seed, max_decisions=decisions)
-        report["decision_ms_kv_cache" if use_cache else "decision_ms_full_recompute"] = r.wall_s / r.num_decisions * 1e3
+        return r.wall_s, r.num_decisions
+
+    report.update(decision_speed(play))
     report["decisions_timed"] = float(decisions)
     return report

@@ -22,7 +22,6 @@ int, ``action`` (N, 2) int = (stage_idx into the runnable stages, num_exec >= 1)
 
 from __future__ import annotations
 
-import inspect
 import math
 import random
 import time
@@ -89,14 +88,11 @@ def _reset(policy: Any, env: CJSEnv, seed: int, draw: int = 0, segment: int | No
     gets a stream of its own, so the job sequence stays the same. ``segment``: the
     ``draw``-th continuation of that segment of a best-of-segments episode, with a stream
     of its own too."""
-    if "rng" in inspect.signature(policy.reset).parameters:
-        if segment is not None:
-            rng = random.Random((seed * 1_000_003 + draw) * 100_003 + segment)
-        else:
-            rng = env.rng if draw == 0 else random.Random(seed * 1_000_003 + draw)
-        policy.reset(seed, rng=rng)
+    if segment is not None:
+        rng = random.Random((seed * 1_000_003 + draw) * 100_003 + segment)
     else:
-        policy.reset(seed)
+        rng = env.rng if draw == 0 else random.Random(seed * 1_000_003 + draw)
+    policy.reset(seed, rng=rng)
 
 
 @dataclass
