@@ -173,7 +173,7 @@ def test_pools_over_several_videos_concatenate_per_video_best_of():
     ("bench", ["--behaviour", "genet,xyz"], "--behaviour"),
     ("bench", ["--controls", "random,scrach"], "--controls"),
     ("bench", ["--videos", "video3"], "--videos"),
-    ("bench", ["--pool-seeds", "2-1"], "--seeds"),
+    ("bench", ["--pool-seeds", "2-1"], "--pool-seeds"),
     ("bench", ["--steps", "x"], "--steps"),
 ])
 def test_every_bad_option_is_one_line_before_any_work(tmp_path, command, args, needle):

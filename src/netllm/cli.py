@@ -233,6 +233,7 @@ def _register(task: Any) -> None:
 
     def run_eval(common: dict[str, Any], options: Any) -> None:
         seeds = parse_seeds(common["seeds"])
+        task.check_eval(options)
         policies = _policies(task, common["policy"], options, common["device"])
         out = _out(common["out"], f"eval-{name}")
         prepare_run_dir(out, {"command": f"eval {name}", "policies": common["policy"], "seeds": seeds,

@@ -169,3 +169,6 @@ class Task(ABC):
 
     def check_adapt(self, recipe: Any) -> None:
         """Checks of an adaptation's inputs (files named by the recipe) before any work."""
+
+    def check_eval(self, options: Any) -> None:
+        """Checks of an evaluation's inputs (the data it reads) before the run folder is written."""

@@ -439,6 +439,15 @@ class ABRTask(Task):
             raise NetLLMError(f"--policy {folder}: not an ABR adapter folder (no {ADAPTER_CONFIG})")
         return NetLLMABRPolicy.from_adapter(folder, device=device)
 
+    def check_eval(self, options: ABREvalOptions) -> None:
+        from netllm.data import dataset_path
+        from netllm.tasks.abr.traces import TRACE_SPLITS, VIDEOS
+
+        if options.traces in TRACE_SPLITS:  # no data: one line, before the run folder
+            dataset_path("abr", "traces", TRACE_SPLITS[options.traces], options.traces)
+        if options.video in VIDEOS:
+            dataset_path("abr", "videos", f"{options.video}_sizes")
+
     def evaluate(self, policies: dict[str, Any], seeds: list[int], options: ABREvalOptions,
                  out: Path) -> dict[str, Metrics]:
         from netllm.results import write_results

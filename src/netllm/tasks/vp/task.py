@@ -437,6 +437,11 @@ class VPTask(Task):
 
         dataset_path("vp", "viewports", recipe.dataset)  # no data: one line, before the run folder
 
+    def check_eval(self, options: VPEvalOptions) -> None:
+        from netllm.data import dataset_path
+
+        dataset_path("vp", "viewports", options.dataset)
+
     def evaluate(self, policies: dict[str, Any], seeds: list[int], options: VPEvalOptions,
                  out: Path) -> dict[str, Metrics]:
         spec = options.window()
