@@ -213,3 +213,35 @@ def test_demo_runs_again_and_again_with_the_same_numbers(tiny_llama, tmp_path, m
     with pytest.raises(NetLLMError, match="not a demo run folder"):
         abr.run_demo(device="cpu", out=other, recipe=recipe, data=data)
     assert (other / "notes.txt").is_file()
+
+
+def test_unseen_traces_are_reported_beside_the_whole_set(tmp_path):
+    """`eval abr` reports QoE on the test traces that are no copy of a training trace
+    (upstream's fcc-test repeats 42 fcc-train traces), from the same episodes."""
+    from netllm.tasks.abr.task import ABREvalOptions, ABRTask
+    from netllm.tasks.abr.traces import copies_of, load_traces
+
+    train_dir, test_dir = tmp_path / "train", tmp_path / "test"
+    train_dir.mkdir()
+    test_dir.mkdir()
+    train, fresh = synthetic_traces(3, seed=1), synthetic_traces(2, seed=9)
+    for folder, traces in ((train_dir, train), (test_dir, [train[0], train[2], *fresh])):
+        for i, t in enumerate(traces):  # copies get other names: content, not the name, decides
+            lines = [f"{float(a)!r} {float(b)!r}" for a, b in zip(t.time_s, t.bandwidth_mbps)]
+            (folder / f"{folder.name}{i}").write_text("\n".join(lines) + "\n")
+    test_set = load_traces(test_dir)
+    assert copies_of(test_set, load_traces(train_dir)) == {"test0", "test1"}
+    video = tmp_path / "video"
+    video.mkdir()
+    v = synthetic_video(seed=0)
+    for level in range(6):
+        (video / f"video_size_{level}").write_text("\n".join(str(int(x)) for x in v.sizes_bytes[level]) + "\n")
+    options = ABREvalOptions.build(traces=str(test_dir), video=str(video), setting="random",
+                                   unseen_by=str(train_dir))
+    results = ABRTask().evaluate({"bba": policy_by_name("bba")}, [1, 2], options, tmp_path / "out")
+    m = results["bba"]
+    unseen_rows = [r["qoe"] for r in m.rows if r["trace"] in ("test2", "test3")]
+    assert len(unseen_rows) == 4 and m.parts["unseen_traces"] == 2
+    assert m.parts["qoe_unseen"] == pytest.approx(np.mean(unseen_rows))
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["bba"]
+    assert saved["qoe_unseen"] == pytest.approx(m.parts["qoe_unseen"])

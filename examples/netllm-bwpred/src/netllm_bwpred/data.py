@@ -14,7 +14,6 @@ time-weighted mean bandwidth of the trace over the k-th second ``[t0 + k, t0 + k
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from netllm.tasks.abr.traces import TRACE_SPLITS, Trace, load_traces
+from netllm.tasks.abr.traces import TRACE_SPLITS, Trace, copies_of, load_traces
 from netllm.utils import NetLLMError
 
 if TYPE_CHECKING:
@@ -91,18 +90,10 @@ def check_trace_set(spec: str | os.PathLike[str]) -> None:
         load_trace_set(text)  # a present set by name, or the error listing the known ones
 
 
-def trace_key(trace: Trace) -> str:
-    """A hash of a trace's samples: equal for byte-identical copies under other names."""
-    h = hashlib.sha256(np.ascontiguousarray(trace.time_s, dtype=np.float64).tobytes())
-    h.update(np.ascontiguousarray(trace.bandwidth_mbps, dtype=np.float64).tobytes())
-    return h.hexdigest()
-
-
 def drop_copies(traces: Sequence[Trace], of: Sequence[Trace]) -> tuple[list[Trace], list[str]]:
     """``traces`` without those whose samples equal a trace of ``of``; (kept, dropped names)."""
-    seen = {trace_key(t) for t in of}
-    kept = [t for t in traces if trace_key(t) not in seen]
-    return kept, [t.name for t in traces if trace_key(t) in seen]
+    copies = copies_of(traces, of)
+    return [t for t in traces if t.name not in copies], [t.name for t in traces if t.name in copies]
 
 
 def split_train_valid(traces: Sequence[Trace], every: int) -> tuple[list[Trace], list[Trace]]:

@@ -205,6 +205,22 @@ def evaluate(policy: Any, traces: Sequence[Any], video: Any, seeds: Sequence[int
                    parts={k: float(np.mean(v)) for k, v in parts.items()}, rows=rows)
 
 
+def add_unseen(results: dict[str, Metrics], traces: Sequence[Any], seen_in: Sequence[Any]) -> int:
+    """Add ``qoe_unseen`` to every result: the mean QoE over the traces that are no copy
+    of a trace of ``seen_in`` (e.g. fcc-train: 42 of fcc-test's 100 traces are copies);
+    returns how many traces are unseen. Episodes are equally long, so the mean of the
+    per-trace means is the per-chunk mean."""
+    from netllm.tasks.abr.traces import copies_of
+
+    seen = copies_of(traces, seen_in)
+    unseen = {t.name for t in traces} - seen
+    for m in results.values():
+        values = [r["qoe"] for r in m.rows if r["trace"] in unseen]
+        m.parts["qoe_unseen"] = float(np.mean(values)) if values else float("nan")
+        m.parts["unseen_traces"] = float(len(unseen))
+    return len(unseen)
+
+
 def collect_pool(policies: Sequence[str], traces: Sequence[Any], video: Any, seeds: Sequence[int],
                  keep: str = "all") -> ExperiencePool:
     """Trajectories of existing policies on every (trace, seed).
@@ -317,11 +333,15 @@ class ABREvalOptions(Options):
                                    "random: delay noise and seeded random starts.", choices=("upstream", "random"))
     strict: bool = opt(False, "A bad trace file (time going backwards, too short, an unreadable row) is an "
                               "error, instead of being skipped with a warning and listed in results.json.")
+    unseen_by: str = opt("fcc-train", "Also report QoE on the traces that are no copy of a trace of this set "
+                                      f"(qoe_unseen; {TRACE_HELP}; 'none': skip).")
 
     def check(self) -> None:
         super().check()
         check_traces(self.traces, "--traces")
         check_videos(self.video, "--video")
+        if self.unseen_by != "none":
+            check_traces(self.unseen_by, "--unseen-by")
 
 
 @dataclass
@@ -447,6 +467,8 @@ class ABRTask(Task):
             dataset_path("abr", "traces", TRACE_SPLITS[options.traces], options.traces)
         if options.video in VIDEOS:
             dataset_path("abr", "videos", f"{options.video}_sizes")
+        if options.unseen_by in TRACE_SPLITS:
+            dataset_path("abr", "traces", TRACE_SPLITS[options.unseen_by], options.unseen_by)
 
     def evaluate(self, policies: dict[str, Any], seeds: list[int], options: ABREvalOptions,
                  out: Path) -> dict[str, Metrics]:
@@ -462,9 +484,13 @@ class ABRTask(Task):
             t0 = time.perf_counter()
             results[name] = evaluate(policy, trace_set, vid, seeds, **env_options)
             console.print(f"{name}: {time.perf_counter() - t0:.1f} s")
+        unseen = ""
+        if options.unseen_by not in ("none", options.traces):
+            n = add_unseen(results, trace_set, load_traces(options.unseen_by))
+            unseen = f"; qoe_unseen: the {n} traces that are no copy of a {options.unseen_by} trace"
         write_results(out, results, title=f"ABR on {options.traces} / {vid.name} ({len(trace_set)} traces, "
-                                          f"seeds {seeds})",
-                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"),
+                                          f"seeds {seeds}){unseen}",
+                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps") + (("qoe_unseen",) if unseen else ()),
                       reference="oracle" if "oracle" in results else None, cdf_key="qoe",
                       skipped=trace_set.skipped)
         return results
@@ -547,8 +573,10 @@ class ABRTask(Task):
                 results[name] = evaluate(NetLLMABRPolicy.from_adapter(out / name, device=device), test, video,
                                          eval_seeds, **test_env)
                 summary["wall_s"][f"eval {name} {video_name}"] = time.perf_counter() - t0
-            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {options.seeds})",
-                          parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"),
+            n = add_unseen(results, test, load_traces("fcc-train"))
+            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {options.seeds}); "
+                                                           f"qoe_unseen: the {n} traces not in fcc-train",
+                          parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps", "qoe_unseen"),
                           reference="oracle" if "oracle" in results else None, cdf_key="qoe")
             summary[video_name] = {n: m.summary() for n, m in results.items()}
         summary["speed"] = speed_report(out / label, device=device)
@@ -587,7 +615,7 @@ def demo_data(fetch: bool = True) -> DemoData:
     traces are drawn from the same Markov-chain generator with different seeds.
     """
     from netllm import data
-    from netllm.tasks.abr.traces import load_traces, load_video, synthetic_traces, synthetic_video
+    from netllm.tasks.abr.traces import copies_of, load_traces, load_video, synthetic_traces, synthetic_video
 
     try:
         data.dataset_path("abr", "traces")
@@ -599,11 +627,12 @@ def demo_data(fetch: bool = True) -> DemoData:
             except NetLLMError as err:
                 console.print(f"[yellow]fetch failed[/yellow]: {str(err).splitlines()[0]}")
     try:
-        train = load_traces("fcc-train")
-        return DemoData(train[:200], train[200:], load_traces("fcc-test"),
-                        [load_video("video1"), load_video("video2")],
-                        "real FCC traces (pool: fcc-train 1-200, validation: fcc-train 201-235, test: fcc-test), "
-                        "video1 + video2", real=True)
+        train, test = load_traces("fcc-train"), load_traces("fcc-test")
+        in_test = copies_of(train[200:], test)  # validating on a test trace would peek at the test set
+        valid = [t for t in train[200:] if t.name not in in_test]
+        return DemoData(train[:200], valid, test, [load_video("video1"), load_video("video2")],
+                        f"real FCC traces (pool: fcc-train 1-200, validation: the {len(valid)} of fcc-train "
+                        "201-235 that are no fcc-test trace, test: fcc-test), video1 + video2", real=True)
     except NetLLMError:
         return DemoData(synthetic_traces(200, seed=1), synthetic_traces(30, seed=3), synthetic_traces(100, seed=2),
                         [synthetic_video(seed=0)],
@@ -645,8 +674,12 @@ def run_demo(device: str = "auto", out: Path = Path("runs/demo-abr"), recipe: AB
     results = {n: evaluate(policy_by_name(n), d.test, d.videos[0], [1], **env) for n in behaviours[::-1]}
     results["netllm"] = evaluate(NetLLMABRPolicy.from_adapter(adapter, device=device), d.test, d.videos[0], [1],
                                  **env)
-    write_results(out, results, title=f"ABR demo: {d.source}; test video {d.videos[0].name}, seed 1",
-                  parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps"), cdf_key="qoe")
+    parts: tuple[str, ...] = ("bitrate_mbps", "rebuffer_s", "smoothness_mbps")
+    title = f"ABR demo: {d.source}; test video {d.videos[0].name}, seed 1"
+    if d.real:
+        n = add_unseen(results, d.test, d.train)
+        parts, title = parts + ("qoe_unseen",), title + f"; qoe_unseen: the {n} test traces the pool never played"
+    write_results(out, results, title=title, parts=parts, cdf_key="qoe")
     best = max(behaviours, key=lambda n: results[n].mean)
     verdict = "ahead of" if results["netllm"].mean > results[best].mean else "behind"
     console.print(f"NetLLM {results['netllm'].mean:.3f} is {verdict} the best baseline ({best} "
