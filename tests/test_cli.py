@@ -148,7 +148,7 @@ BAD_TEXT = {
     "video": "no-such-video", "valid_video": "no-such-video", "videos": "video1,no-such-video",
     "pool_videos": "no-such-video", "seeds": "x", "pool_seeds": "3-1", "behaviour": "no-such-policy",
     "baselines": "no-such-policy", "policies": "no-such-policy", "controls": "no-such-control",
-    "settings": "default,no-such-setting", "decode": "greedy",
+    "settings": "default,no-such-setting", "decode": "greedy", "unseen_by": "no-such-traces",
 }
 # what an eval / collect needs besides the option under test
 POLICY = {"abr": "bba", "cjs": "fifo", "vp": "no-motion"}
