@@ -133,6 +133,13 @@ def test_adapt_help_lists_every_option_with_its_default():
     assert "[default: 4]" in r.stdout and "[default: 0.0003]" in r.stdout
 
 
+def test_written_files_have_an_ordinary_mode(tmp_path):
+    from netllm.utils import _UMASK, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
 def test_written_json_is_strict(tmp_path):
     from netllm.utils import atomic_write_json
 
