@@ -156,7 +156,7 @@ def test_pools_over_several_videos_concatenate_per_video_best_of():
     ("adapt", ["--target-quantile", "2"], "--target-quantile"),
     ("adapt", ["--schedule", "cosin"], "--schedule"),
     ("adapt", ["--eval-every", "-5"], "--eval-every"),
-    ("adapt", ["--valid-count", "0"], "--valid-count"),
+    ("adapt", ["--valid-count", "-1"], "--valid-count"),
     ("adapt", ["--warmup-steps", "x"], "--warmup-steps"),
     ("adapt", ["--weight-decay", "-1"], "--weight-decay"),
     ("adapt", ["--epochs", "-1"], "--epochs"),
@@ -174,6 +174,8 @@ def test_pools_over_several_videos_concatenate_per_video_best_of():
     ("bench", ["--controls", "random,scrach"], "--controls"),
     ("bench", ["--videos", "video3"], "--videos"),
     ("bench", ["--pool-seeds", "2-1"], "--pool-seeds"),
+    ("bench", ["--train-seeds", "1,,x"], "--train-seeds"),
+    ("bench", ["--seed", "4"], "--seed"),
     ("bench", ["--steps", "x"], "--steps"),
 ])
 def test_every_bad_option_is_one_line_before_any_work(tmp_path, command, args, needle):

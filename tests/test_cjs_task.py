@@ -78,7 +78,13 @@ def test_bench_checks_its_pool_and_schedule_options_before_writing(tmp_path):
                            ({"segment": "long"}, "--segment"), ({"keep": "best", "segment": -5}, "--segment"),
                            ({"segment": 600}, "--segment: .*needs --keep best"),
                            ({"settings": "default,jobs4OO"}, "--settings: unknown 'jobs4OO'"),
-                           ({"policies": "fifo,lifo"}, "--policies"), ({"steps": "x"}, "--steps")):
+                           ({"policies": "fifo,lifo"}, "--policies"), ({"steps": "x"}, "--steps"),
+                           ({"train_seeds": ""}, "--train-seeds"), ({"train_seeds": "0-x"}, "--train-seeds"),
+                           ({"seed": 3}, "--seed: .*--train-seeds"),
+                           # seeds that would leak: the pool or the validation on a test job sequence
+                           ({"pool_seeds": "5-20"}, "--pool-seeds: job sequences \\[5, 6"),
+                           ({"eval_seed": 7}, "--eval-seed: 7 is also a test"),
+                           ({"eval_seed": 120}, "--eval-seed: 120 is also a pool")):
         with pytest.raises(NetLLMError, match=option):
             CJSBenchOptions.build(**kwargs)
     for kwargs, option in (({"draws": "0"}, "--draws"), ({"keep": "best", "draws": 2, "segment": "nan"}, "--segment")):

@@ -156,6 +156,7 @@ BAD_TEXT = {
     "pool_videos": "no-such-video", "seeds": "x", "pool_seeds": "3-1", "behaviour": "no-such-policy",
     "baselines": "no-such-policy", "policies": "no-such-policy", "controls": "no-such-control",
     "settings": "default,no-such-setting", "decode": "greedy", "unseen_by": "no-such-traces",
+    "train_seeds": "1-x", "augment": "flip",
 }
 # what an eval / collect needs besides the option under test
 POLICY = {"abr": "bba", "cjs": "fifo", "vp": "no-motion"}

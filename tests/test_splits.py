@@ -5,7 +5,9 @@ video) and their files are distinct by sha256. CJS evaluates on job sequences (s
 apart from the pool's and the validation episode's. Upstream's ABR splits overlap —
 every fcc-valid trace and 42 of the 100 fcc-test traces are byte-identical to fcc-train
 traces — which is why `eval abr` reports `qoe_unseen` beside the whole set; this test
-pins that overlap, so a change of the data is noticed.
+pins that overlap, so a change of the data is noticed. The project's own ABR protocol
+splits fcc-train by content: fcc-pool (what pools play), fcc-holdout (what adapters are
+chosen on), both apart from fcc-test.
 """
 
 from __future__ import annotations
@@ -66,3 +68,20 @@ def test_abr_demo_validates_on_traces_no_pool_or_test_uses(real_data, monkeypatc
     assert dataclasses.is_dataclass(d) and d.real
     assert not copies_of(d.valid, d.test)  # else validation would peek at the test set
     assert len(d.valid) == 34  # fcc-train 201-235 less the one that fcc-test repeats
+    assert not copies_of(d.train, d.test)
+
+
+def test_abr_pool_holdout_and_test_sets_are_disjoint_by_content(real_data, monkeypatch):
+    """The defaults of collect (fcc-pool), adapt's validation (fcc-holdout) and eval (fcc-test)."""
+    from netllm.tasks.abr.task import ABRBenchOptions, ABRCollectOptions, ABREvalOptions, ABRRecipe
+    from netllm.tasks.abr.traces import content_key, load_traces
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    assert ABRCollectOptions().traces == "fcc-pool" and ABRRecipe().valid_traces == "fcc-holdout"
+    assert ABREvalOptions().traces == "fcc-test" and ABRBenchOptions().valid_traces == "fcc-holdout"
+    sets = {name: {content_key(t) for t in load_traces(name)} for name in ("fcc-pool", "fcc-holdout", "fcc-test")}
+    assert len(sets["fcc-pool"]) == 159 and len(sets["fcc-holdout"]) == 34 and len(sets["fcc-test"]) == 100
+    assert not sets["fcc-pool"] & sets["fcc-holdout"]
+    assert not sets["fcc-pool"] & sets["fcc-test"] and not sets["fcc-holdout"] & sets["fcc-test"]
+    train = {content_key(t) for t in load_traces("fcc-train")}
+    assert sets["fcc-pool"] | sets["fcc-holdout"] <= train

@@ -146,7 +146,14 @@ def test_one_recipe_holds_every_default():
     (VPEvalOptions, {"hw": 1.5}, "--hw"),
     (VPEvalOptions, {"shuffle": True}, "--shuffle"),
     (VPBenchOptions, {"controls": "scratch"}, "--controls"),
-    (VPBenchOptions, {"seeds": "x"}, "--seeds"),
+    (VPBenchOptions, {"train_seeds": "x"}, "--train-seeds"),
+    (VPBenchOptions, {"train_seeds": ""}, "--train-seeds"),
+    (VPBenchOptions, {"train_seeds": "2-1"}, "--train-seeds"),
+    (VPRecipe, {"augment": "flip"}, "--augment"),
+    (VPRecipe, {"augment": "none,mirror"}, "--augment"),
+    (VPRecipe, {"lora_dropout": 0.95}, "--lora-dropout"),
+    (VPRecipe, {"valid_stride": 0}, "--valid-stride"),
+    (VPRecipe, {"dataset": "all"}, "--dataset"),
     (VPBenchOptions, {"seed": 2}, "--seed"),
 ])
 def test_options_reject_bad_values(cls, values, needle):
@@ -222,7 +229,8 @@ BAD_OPTIONS = {
               ["--schedule", "step"], ["--eval-every", "-1"], ["--seed", "x"], ["--model", "cnn"],
               ["--model", "lstm", "--rank", "8"], ["--lstm-epochs", "3"], ["--model", "lstm", "--lstm-lr", "0"],
               ["--device", "cuda:7"]],
-    "bench": [["--controls", "scratch"], ["--seeds", "x"], ["--seed", "2"], ["--fw", "0"], ["--epochs", "x"]],
+    "bench": [["--controls", "scratch"], ["--train-seeds", "x"], ["--train-seeds", ""], ["--seed", "2"],
+              ["--fw", "0"], ["--epochs", "x"], ["--augment", "flip"]],
 }
 
 
@@ -263,3 +271,54 @@ def test_cli_eval_writes_results_and_plots(real_data, tmp_path):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["command"] == "eval vp" and (config["hw"], config["fw"], config["split"]) == (10, 20, "test")
+
+
+def test_mirror_augmentation_is_the_mirror_image_of_the_window(samples):
+    """A mirrored window's inputs and targets are those of the head motion with yaw and
+    roll negated; yaw-offset turns only the absolute yaw; the stream is per batch index."""
+    from netllm.tasks.vp.dataset import relative, wrap
+    from netllm.tasks.vp.task import batches
+
+    part = samples.subset(slice(0, 64))
+    plain, mirrored = batches(part, 64, 0)(0), batches(part, 64, 0, ("mirror",))(0)
+    assert torch.equal(batches(part, 64, 0, ("mirror",))(0)["features"], mirrored["features"])
+    flip = (mirrored["target"][:, :, 2] != plain["target"][:, :, 2]).any(1).numpy()
+    assert 10 < flip.sum() < 54
+    perm = np.random.default_rng(0).permutation(64)
+    h, f = part.history[perm].copy(), part.future[perm].copy()
+    for a in (h, f):
+        a[flip, :, 0] *= -1
+        a[flip, :, 2] = wrap(-a[flip, :, 2])
+    _, rel_f = relative(h, f)
+    assert torch.allclose(mirrored["features"], torch.as_tensor(step_features(h)), atol=1e-6)
+    assert torch.allclose(mirrored["target"], torch.as_tensor(rel_f / 30.0, dtype=torch.float32), atol=1e-5)
+    turned = batches(part, 64, 0, ("yaw-offset",))(0)["features"]
+    changed = (turned != plain["features"]).any(dim=(0, 1))
+    assert changed.tolist() == [[False, False, True], [False, False, False], [False, False, False]]
+
+
+def test_bench_over_two_training_seeds_reports_spread_and_paired_intervals(tiny_llama, real_data, tmp_path,
+                                                                            monkeypatch):
+    """`bench vp --train-seeds 0-1`: each variant and the LSTM trained per seed, the table
+    over training seeds, paired differences with intervals; a rerun reuses every stage."""
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    options = VPBenchOptions.build(llm=tiny_llama, layers=2, rank=4, steps=4, batch_size=8, eval_every=2,
+                                   warmup_steps=0, step=150, valid_stride=8, train_seeds="0-1", controls="random")
+    summary = TASK.bench(options, tmp_path / "bench", device="cpu")
+    for dataset in ("Jin2022", "Wu2017"):
+        table = summary[dataset]
+        label = "netllm-" + os.path.basename(tiny_llama)
+        assert table[label]["seeds"] == [0, 1] and table[label]["paired_over"] == "training seeds"
+        assert table["lstm"]["seeds"] == [0, 1] and table["no-motion"]["seeds"] == [0]
+        comps = table["comparisons"]
+        assert {f"{label} - lstm", f"{label} - no-motion", f"{label} - {label}-random-init"} <= set(comps)
+        for c in comps.values():
+            assert c["n"] == 2 and len(c["ci"]) == 2 and c["ci"][0] <= c["mean"] <= c["ci"][1]
+        assert table["best_baseline"] in ("no-motion", "velocity", "lr", "lstm")
+        results = json.loads((tmp_path / "bench" / dataset / "results.json").read_text())
+        assert set(results[label]["per_train_seed"]) == {"0", "1"}
+    for run in ("lstm-seed0", "lstm-seed1", f"{label}-seed0", f"{label}-random-init-seed1"):
+        assert (tmp_path / "bench" / run).is_dir(), run
+    again = TASK.bench(options, tmp_path / "bench", device="cpu")
+    assert not [k for k in again["wall_s"] if k.startswith(("adapt", "train"))]  # every stage reused
+    assert again["Jin2022"][label]["mean"] == summary["Jin2022"][label]["mean"]

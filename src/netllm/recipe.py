@@ -101,6 +101,21 @@ def run_adaptation(model: "NetLLM", get_batch: Callable[[int], Any], loss_fn: Ca
     return keeper.finish(model)
 
 
+TRAIN_SEEDS_HELP = ("Training seeds, e.g. 0-2: every trained variant (NetLLM and its controls) is trained once per "
+                    "seed; the tables give mean and std over them and the headline differences a paired 95 % "
+                    "interval (replaces --seed). Training seeds only seed initialisation and batch order.")
+
+
+def check_train_seeds(options: Recipe) -> list[int]:
+    """The ``--train-seeds`` of a benchmark; ``--seed`` is refused beside it (one run per seed)."""
+    from netllm.utils import parse_seeds
+
+    seeds = parse_seeds(getattr(options, "train_seeds"), "--train-seeds")
+    if options.seed != Recipe.seed:
+        raise NetLLMError("--seed: the benchmark trains one run per training seed; pass --train-seeds instead")
+    return seeds
+
+
 def stage_done(folder: Path, steps: int) -> bool:
     """Whether ``folder`` holds a finished adaptation of ``steps`` steps (a benchmark reuses it)."""
     from netllm.checkpoint import completed_steps

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -107,3 +108,78 @@ def save_figure(fig: Any, path: Path) -> None:
     """Write a matplotlib figure as PNG atomically."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
+
+
+# ----------------------------------------------------------------------------- training seeds
+
+
+def combine_train_seeds(per_train: dict[int, Metrics]) -> Metrics:
+    """One variant trained once per training seed -> one Metrics.
+
+    Several training seeds: ``per_seed`` maps each training seed to its mean over the
+    evaluation seeds (so mean / std are over training seeds), ``info`` keeps the spread
+    over evaluation seeds. One training seed: that run's Metrics (``per_seed`` over the
+    evaluation seeds). ``info.paired_over`` says which seeds ``per_seed`` holds.
+    """
+    if not per_train:
+        raise ValueError("combine_train_seeds: no runs")
+    seeds = sorted(per_train)
+    first = per_train[seeds[0]]
+    if len(seeds) == 1:
+        return replace(first, info={**first.info, "train_seeds": seeds, "paired_over": "evaluation seeds"})
+    parts = {k: float(np.mean([per_train[s].parts.get(k, np.nan) for s in seeds])) for k in first.parts}
+    info = {"train_seeds": seeds, "paired_over": "training seeds",
+            "eval_std_per_train_seed": {str(s): per_train[s].std for s in seeds},
+            "per_train_seed": {str(s): per_train[s].summary() for s in seeds}}
+    return Metrics(first.metric, first.higher_is_better, {s: per_train[s].mean for s in seeds}, parts=parts,
+                   rows=first.rows, info=info)
+
+
+def comparisons(results: dict[str, Metrics], headline: str, others: Sequence[str],
+                trained: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Paired differences ``headline - other`` (see :func:`netllm.stats.paired_difference`).
+
+    ``trained``: the variants trained per training seed like ``headline``; they pair seed by
+    seed. Any other policy does not depend on the training seed: with several training
+    seeds its mean over the evaluation seeds stands for every one of them; with one
+    training seed everything pairs over the evaluation seeds.
+    """
+    from netllm.stats import paired_difference
+
+    head = results[headline]
+    over = head.info.get("paired_over", "evaluation seeds")
+    better = "higher" if head.higher_is_better else "lower"
+    out: dict[str, dict[str, Any]] = {}
+    for name in others:
+        if name not in results or name == headline:
+            continue
+        other = results[name]
+        if over == "training seeds" and name not in trained:
+            values = {k: other.mean for k in head.per_seed}
+        else:
+            values = other.per_seed
+        if set(values) != set(head.per_seed):
+            continue  # e.g. a policy evaluated on other seeds: not comparable pair by pair
+        out[f"{headline} - {name}"] = {**paired_difference(head.per_seed, values, better), "paired_over": over}
+    return out
+
+
+def print_comparisons(title: str, comps: dict[str, dict[str, Any]]) -> None:
+    """The headline comparisons as a table: difference, its 95 % interval, the verdict."""
+    if not comps:
+        return
+    table = Table(title=title)
+    for column in ("comparison", "mean difference", "95 % CI", "n (paired over)", "significant"):
+        table.add_column(column, justify="left" if column == "comparison" else "right")
+    for name, c in comps.items():
+        ci = c.get("ci")
+        verdict = "-" if c.get("a_better") is None else ("better" if c["a_better"] else
+                                                           "worse" if _ci_worse(c) else "no")
+        table.add_row(name, f"{c['mean']:+.3f}", f"{ci[0]:+.3f} .. {ci[1]:+.3f}" if ci else "-",
+                      f"{c['n']} ({c['paired_over']})", verdict)
+    console.print(table)
+
+
+def _ci_worse(c: dict[str, Any]) -> bool:
+    lo, hi = c["ci"]
+    return lo > 0 if c["better"] == "lower" else hi < 0

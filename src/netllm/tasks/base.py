@@ -68,6 +68,7 @@ class Metrics:
     per_seed: dict[int, float]
     parts: dict[str, float] = field(default_factory=dict)  # e.g. bitrate / rebuffer / smoothness
     rows: list[dict[str, Any]] = field(default_factory=list)  # per-trace / per-job / per-user rows
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. the spread over training seeds (results.json)
 
     @property
     def mean(self) -> float:
@@ -83,7 +84,7 @@ class Metrics:
     def summary(self) -> dict[str, Any]:
         """The ``results.json`` entry: {"metric", "mean", "std", "seeds"}."""
         return {"metric": self.metric, "mean": self.mean, "std": self.std,
-                "seeds": sorted(self.per_seed), "per_seed": self.per_seed, **self.parts}
+                "seeds": sorted(self.per_seed), "per_seed": self.per_seed, **self.parts, **self.info}
 
 
 @dataclass

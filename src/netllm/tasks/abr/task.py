@@ -23,7 +23,8 @@ from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_conf
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
 from netllm.options import Options, opt, split_list
-from netllm.recipe import Recipe, decision_speed, run_adaptation, stage_done
+from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, stage_done
+from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.utils import NetLLMError, seed_everything
 
 console = Console()
@@ -272,16 +273,25 @@ def collect_pools(policies: Sequence[str], traces: Sequence[Any], videos: Sequen
 # ----------------------------------------------------------------------------- options
 
 
-TRACE_HELP = "fcc-train, fcc-valid, fcc-test or a folder of trace files"
+TRACE_HELP = ("fcc-train, fcc-valid, fcc-test, fcc-pool (fcc-train less fcc-holdout and the fcc-test "
+              "copies), fcc-holdout (fcc-train's last 35 less the fcc-test copies) or a folder of trace files")
 VIDEO_HELP = "video1, video2 or a folder holding video_size_0..5"
 
 
 def check_traces(value: str, option: str) -> None:
     """A trace set name or an existing folder / file (its contents are read later)."""
-    from netllm.tasks.abr.traces import TRACE_SPLITS
+    from netllm.tasks.abr.traces import TRACE_SETS
 
-    if value not in TRACE_SPLITS and not Path(value).exists():
+    if value not in TRACE_SETS and not Path(value).exists():
         raise NetLLMError(f"{option}: unknown trace set {value!r} ({TRACE_HELP})")
+
+
+def validation_traces(recipe: "ABRRecipe") -> list[Any]:
+    """The traces the adapter is chosen on: the first ``--valid-count`` (0: all) of ``--valid-traces``."""
+    from netllm.tasks.abr.traces import load_traces
+
+    traces = load_traces(recipe.valid_traces)
+    return list(traces[: recipe.valid_count] if recipe.valid_count else traces)
 
 
 def check_videos(value: str, option: str) -> None:
@@ -302,8 +312,8 @@ class ABRRecipe(Recipe):
     context: int = opt(10, "Context window K in decision steps.", min=1)
     target_quantile: float = opt(0.9, "Target return at run time: this quantile of the pool's returns.",
                                  min=0, max=1)
-    valid_traces: str = opt("fcc-valid", f"Validation trace set ({TRACE_HELP}).")
-    valid_count: int = opt(20, "Validate on the first N traces of --valid-traces.", min=1)
+    valid_traces: str = opt("fcc-holdout", f"Validation trace set ({TRACE_HELP}); no pool may play it.")
+    valid_count: int = opt(0, "Validate on the first N traces of --valid-traces (0: all).", min=0)
     valid_video: str = opt("video1", f"Validation video ({VIDEO_HELP}).")
 
     def check(self) -> None:
@@ -346,7 +356,7 @@ class ABREvalOptions(Options):
 
 @dataclass
 class ABRCollectOptions(Options):
-    traces: str = opt("fcc-train", f"Trace set the episodes play ({TRACE_HELP}).")
+    traces: str = opt("fcc-pool", f"Trace set the episodes play ({TRACE_HELP}).")
     video: str = opt("video1", "Video(s), comma-separated: episodes on each.")
     keep: str = opt("all", "all: every episode; best: per (trace, seed, video) the best policy's episode.",
                     choices=("all", "best"))
@@ -369,6 +379,7 @@ class ABRBenchOptions(ABRRecipe):
     keep: str = opt("best", "Pool: all episodes, or the best policy's per condition.", choices=("all", "best"))
     pool_videos: str = opt("video1,video2", "Videos of the pool's episodes.")
     seeds: str = opt("1-3", "Evaluation seeds.")
+    train_seeds: str = opt("0", TRAIN_SEEDS_HELP)
     videos: str = opt("video1,video2", "Test videos.")
     controls: str = opt("random,scratch", "Controls trained beside NetLLM: random (random LLM weights), "
                                           "scratch (a small Decision Transformer from scratch), none.")
@@ -381,6 +392,7 @@ class ABRBenchOptions(ABRRecipe):
         super().check()
         parse_seeds(self.pool_seeds, "--pool-seeds")
         parse_seeds(self.seeds)
+        check_train_seeds(self)
         split_list(self.behaviour, "--behaviour", list(BASELINES))
         split_list(self.baselines, "--baselines", list(BASELINES))
         split_list(self.controls, "--controls", [*CONTROLS, "none"])
@@ -461,14 +473,12 @@ class ABRTask(Task):
 
     def check_eval(self, options: ABREvalOptions) -> None:
         from netllm.data import dataset_path
-        from netllm.tasks.abr.traces import TRACE_SPLITS, VIDEOS
+        from netllm.tasks.abr.traces import VIDEOS, require_set
 
-        if options.traces in TRACE_SPLITS:  # no data: one line, before the run folder
-            dataset_path("abr", "traces", TRACE_SPLITS[options.traces], options.traces)
+        require_set(options.traces)  # no data: one line, before the run folder
         if options.video in VIDEOS:
             dataset_path("abr", "videos", f"{options.video}_sizes")
-        if options.unseen_by in TRACE_SPLITS:
-            dataset_path("abr", "traces", TRACE_SPLITS[options.unseen_by], options.unseen_by)
+        require_set(options.unseen_by)
 
     def evaluate(self, policies: dict[str, Any], seeds: list[int], options: ABREvalOptions,
                  out: Path) -> dict[str, Metrics]:
@@ -507,9 +517,9 @@ class ABRTask(Task):
         return path
 
     def adapt(self, out: Path, recipe: ABRAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
-        from netllm.tasks.abr.traces import load_traces, load_video
+        from netllm.tasks.abr.traces import load_video
 
-        valid = load_traces(recipe.valid_traces)[: recipe.valid_count]
+        valid = validation_traces(recipe)
         return adapt(load_pools(recipe.pool), out, recipe, device=device, resume=resume, eval_traces=valid,
                      eval_video=load_video(recipe.valid_video))
 
@@ -521,7 +531,7 @@ class ABRTask(Task):
     def bench(self, options: ABRBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """The whole pipeline: pool -> adaptation (+ controls) -> evaluation on fcc-test.
 
-        The pool: ``--behaviour`` policies on fcc-train with ``--pool-videos``, seeds
+        The pool: ``--behaviour`` policies on fcc-pool with ``--pool-videos``, seeds
         ``--pool-seeds``; ``--keep best`` keeps the best policy's episode per condition.
         The defaults are the README's winning recipe (best of GENET / MPC / BBA over
         both videos, SmolLM2 cut to 4 layers, 2,000 steps).
@@ -536,7 +546,7 @@ class ABRTask(Task):
         pool_path = out / "pool.npz"
         if not pool_path.is_file():
             t0 = time.perf_counter()
-            pool = collect_pools(options.behaviour.split(","), load_traces("fcc-train"),
+            pool = collect_pools(options.behaviour.split(","), load_traces("fcc-pool"),
                                  [load_video(v) for v in options.pool_videos.split(",")],
                                  parse_seeds(options.pool_seeds), keep=options.keep)
             pool.save(pool_path)
@@ -544,21 +554,26 @@ class ABRTask(Task):
         pool = ExperiencePool.load(pool_path, task="abr")
         summary["pool"] = {"episodes": pool.num_episodes, "steps": len(pool), **pool.meta}
         recipe = ABRRecipe(**{f.name: getattr(options, f.name) for f in dataclasses.fields(ABRRecipe)})
+        train_seeds = parse_seeds(options.train_seeds, "--train-seeds")
+        summary["train_seeds"] = train_seeds
         label = f"netllm-{Path(recipe.llm).name}"
-        runs = {label: recipe}
+        variants = {label: recipe}
         controls = options.controls.split(",")
         if "random" in controls:
-            runs[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
+            variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
         if "scratch" in controls:
-            runs["dt-scratch"] = dataclasses.replace(recipe, llm="scratch", layers=3, rank=0)
-        valid = load_traces(recipe.valid_traces)[: recipe.valid_count]
-        for name, r in runs.items():
-            if stage_done(out / name, r.total_steps(len(pool))):
-                continue
-            t0 = time.perf_counter()
-            adapt(pool, out / name, r, device=device, resume=True, eval_traces=valid,
-                  eval_video=load_video(recipe.valid_video))
-            summary["wall_s"][f"adapt {name}"] = time.perf_counter() - t0
+            variants["dt-scratch"] = dataclasses.replace(recipe, llm="scratch", layers=3, rank=0)
+        runs = {name: {s: out / f"{name}-seed{s}" for s in train_seeds} for name in variants}
+        valid = validation_traces(recipe)
+        for name, r in variants.items():
+            for s, folder in runs[name].items():
+                seeded = dataclasses.replace(r, seed=s)
+                if stage_done(folder, seeded.total_steps(len(pool))):
+                    continue
+                t0 = time.perf_counter()
+                adapt(pool, folder, seeded, device=device, resume=True, eval_traces=valid,
+                      eval_video=load_video(recipe.valid_video))
+                summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
         test = load_traces("fcc-test")
         test_env = env_setting("fcc-test")
         for video_name in options.videos.split(","):
@@ -568,18 +583,31 @@ class ABRTask(Task):
                 if b == "genet" and not _genet_available():
                     continue
                 results[b] = evaluate(policy_by_name(b), test, video, eval_seeds, **test_env)
-            for name in runs:
-                t0 = time.perf_counter()
-                results[name] = evaluate(NetLLMABRPolicy.from_adapter(out / name, device=device), test, video,
-                                         eval_seeds, **test_env)
-                summary["wall_s"][f"eval {name} {video_name}"] = time.perf_counter() - t0
+            per_train: dict[str, dict[int, Metrics]] = {}
+            for name, folders in runs.items():
+                for s, folder in folders.items():
+                    t0 = time.perf_counter()
+                    per_train.setdefault(name, {})[s] = evaluate(NetLLMABRPolicy.from_adapter(folder, device=device),
+                                                                 test, video, eval_seeds, **test_env)
+                    summary["wall_s"][f"eval {folder.name} {video_name}"] = time.perf_counter() - t0
             n = add_unseen(results, test, load_traces("fcc-train"))
-            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {options.seeds}); "
+            for name, by_seed in per_train.items():
+                add_unseen(by_seed, test, load_traces("fcc-train"))
+                results[name] = combine_train_seeds(by_seed)
+            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {options.seeds}, "
+                                                           f"training seeds {options.train_seeds}); "
                                                            f"qoe_unseen: the {n} traces not in fcc-train",
                           parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps", "qoe_unseen"),
                           reference="oracle" if "oracle" in results else None, cdf_key="qoe")
+            baselines = [b for b in results if b not in runs and b != "oracle"]
+            best = max(baselines, key=lambda b: results[b].mean) if baselines else None
+            comps = comparisons(results, label, [x for x in (best, *runs) if x], trained=list(runs))
+            print_comparisons(f"fcc-test / {video_name}: {label} minus ... (QoE, positive = NetLLM better); "
+                              f"best baseline: {best}", comps)
             summary[video_name] = {n: m.summary() for n, m in results.items()}
-        summary["speed"] = speed_report(out / label, device=device)
+            summary[video_name]["best_baseline"] = best
+            summary[video_name]["comparisons"] = comps
+        summary["speed"] = speed_report(runs[label][train_seeds[0]], device=device)
         atomic_write_json(out / "bench.json", summary)
         console.print(f"written: {out / 'bench.json'}")
         return summary
@@ -610,12 +638,12 @@ class DemoData:
 def demo_data(fetch: bool = True) -> DemoData:
     """Real FCC traces when present (or fetched now, verified), generated ones otherwise.
 
-    Real: the pool plays fcc-train's first 200 traces, the last 35 validate (upstream's
-    fcc-valid repeats fcc-train), fcc-test tests. Generated: train, validation and test
+    Real: the pool plays fcc-pool, fcc-holdout validates (upstream's fcc-valid repeats
+    fcc-train), fcc-test tests (see traces.derived_set). Generated: train, validation and test
     traces are drawn from the same Markov-chain generator with different seeds.
     """
     from netllm import data
-    from netllm.tasks.abr.traces import copies_of, load_traces, load_video, synthetic_traces, synthetic_video
+    from netllm.tasks.abr.traces import load_traces, load_video, synthetic_traces, synthetic_video
 
     try:
         data.dataset_path("abr", "traces")
@@ -627,12 +655,10 @@ def demo_data(fetch: bool = True) -> DemoData:
             except NetLLMError as err:
                 console.print(f"[yellow]fetch failed[/yellow]: {str(err).splitlines()[0]}")
     try:
-        train, test = load_traces("fcc-train"), load_traces("fcc-test")
-        in_test = copies_of(train[200:], test)  # validating on a test trace would peek at the test set
-        valid = [t for t in train[200:] if t.name not in in_test]
-        return DemoData(train[:200], valid, test, [load_video("video1"), load_video("video2")],
-                        f"real FCC traces (pool: fcc-train 1-200, validation: the {len(valid)} of fcc-train "
-                        "201-235 that are no fcc-test trace, test: fcc-test), video1 + video2", real=True)
+        pool, valid, test = load_traces("fcc-pool"), load_traces("fcc-holdout"), load_traces("fcc-test")
+        return DemoData(list(pool), list(valid), test, [load_video("video1"), load_video("video2")],
+                        f"real FCC traces (pool: the {len(pool)} traces of fcc-pool, validation: the {len(valid)} of "
+                        "fcc-holdout, test: fcc-test; disjoint by content), video1 + video2", real=True)
     except NetLLMError:
         return DemoData(synthetic_traces(200, seed=1), synthetic_traces(30, seed=3), synthetic_traces(100, seed=2),
                         [synthetic_video(seed=0)],

@@ -43,6 +43,12 @@ CHUNK_S = 4.0
 NUM_LEVELS = len(BITRATES_KBPS)
 
 TRACE_SPLITS = {"fcc-train": "train", "fcc-valid": "valid", "fcc-test": "test"}
+# Content-disjoint parts of fcc-train (upstream's fcc-valid only repeats fcc-train traces,
+# and 42 of fcc-test's 100 traces are fcc-train traces): fcc-holdout validates, fcc-pool
+# is what experience pools play. See :func:`derived_set`.
+HOLDOUT_FROM = 200  # fcc-train's traces (in name order) from the 201st on are held out
+DERIVED_SETS = ("fcc-pool", "fcc-holdout")
+TRACE_SETS = (*TRACE_SPLITS, *DERIVED_SETS)
 VIDEOS = ("video1", "video2")
 
 
@@ -179,12 +185,14 @@ def load_traces(spec: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     the result's ``.skipped``; ``strict=True`` raises :class:`BadDataFile` instead. A folder
     whose every file is bad raises NetLLMError. A single file given as ``spec`` must be good.
     """
+    if isinstance(spec, str) and spec in DERIVED_SETS:
+        return derived_set(spec, root, strict=strict)
     if isinstance(spec, str) and spec in TRACE_SPLITS:
         folder = dataset_path("abr", "traces", TRACE_SPLITS[spec], spec, root=root)
     else:
         folder = Path(spec)
         if not folder.exists():
-            names = ", ".join(TRACE_SPLITS)
+            names = ", ".join(TRACE_SETS)
             raise NetLLMError(f"trace set {str(spec)!r}: no such folder (or use one of {names})")
         if folder.is_file():
             return TraceSet([load_trace(folder)])
@@ -201,6 +209,29 @@ def load_traces(spec: str | os.PathLike[str], root: str | os.PathLike[str] | Non
     if not traces:
         raise all_skipped_error(f"trace folder {folder}", skipped)
     return TraceSet(traces, skipped)
+
+
+def require_set(spec: str) -> None:
+    """A one-line error if a named trace set's folders are not in the data root (folders pass)."""
+    for name in (("fcc-train", "fcc-test") if spec in DERIVED_SETS else (spec,) if spec in TRACE_SPLITS else ()):
+        dataset_path("abr", "traces", TRACE_SPLITS[name], name)
+
+
+def derived_set(name: str, root: str | os.PathLike[str] | None = None, *, strict: bool = False) -> TraceSet:
+    """``fcc-holdout``: fcc-train's traces from the 201st on (name order) that are no copy
+    of an fcc-test trace (34 of 35); ``fcc-pool``: fcc-train's first 200 less the copies of
+    an fcc-holdout or fcc-test trace (159). Pools, validation and test are then disjoint by
+    content (sha256 of the samples, :func:`content_key`)."""
+    train, test = load_traces("fcc-train", root, strict=strict), load_traces("fcc-test", root, strict=strict)
+    late = train[HOLDOUT_FROM:]
+    holdout = [t for t in late if t.name not in copies_of(late, test)]
+    if name == "fcc-holdout":
+        return TraceSet(holdout, train.skipped)
+    if name != "fcc-pool":
+        raise NetLLMError(f"trace set {name!r}: not a derived set ({', '.join(DERIVED_SETS)})")
+    early = train[:HOLDOUT_FROM]
+    seen = copies_of(early, holdout) | copies_of(early, test)
+    return TraceSet([t for t in early if t.name not in seen], train.skipped)
 
 
 def upstream_start_indices(

@@ -40,7 +40,8 @@ from rich.console import Console
 
 from netllm.model import ADAPTER_CONFIG, NetLLMConfig
 from netllm.options import Options, opt, split_list
-from netllm.recipe import Recipe, load_policy, stage_done
+from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, stage_done
+from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.cjs.baselines import SCHEDULERS, run_episode
 from netllm.tasks.cjs.policy import (DECODE_HELP, CJSRecipe, NetLLMCJSPolicy, adapt, decode_temperature, model_config,
@@ -143,6 +144,7 @@ class CJSBenchOptions(CJSRecipe):
     """The whole pipeline; the recipe fields are the adaptation's (same defaults as adapt)."""
 
     seeds: str = opt("1-10", "Evaluation seeds (job sequences) of every setting.")
+    train_seeds: str = opt("0", TRAIN_SEEDS_HELP)
     policies: str = opt("fifo,fair,decima", "Baselines evaluated beside the adapters (comma-separated).")
     pool_seeds: str = opt("101-148", "Job sequences of the pool's episodes.")
     pool_jobs: int = opt(200, "Jobs per pool episode.", min=1)
@@ -157,8 +159,14 @@ class CJSBenchOptions(CJSRecipe):
 
     def check(self) -> None:
         super().check()
-        parse_seeds(self.seeds)
-        parse_seeds(self.pool_seeds, "--pool-seeds")
+        test, pool = set(parse_seeds(self.seeds)), set(parse_seeds(self.pool_seeds, "--pool-seeds"))
+        check_train_seeds(self)
+        if test & pool:  # the pool would have played the test's job sequences
+            raise NetLLMError(f"--pool-seeds: job sequences {sorted(test & pool)[:5]} are also evaluation --seeds; "
+                              "keep the pool's apart from the test's")
+        if self.eval_seed in test | pool:
+            raise NetLLMError(f"--eval-seed: {self.eval_seed} is also a {'test' if self.eval_seed in test else 'pool'} "
+                              "job sequence; validate on one of its own")
         split_list(self.policies, "--policies", list(SCHEDULERS))
         split_list(self.behaviour, "--behaviour", list(SCHEDULERS))
         split_list(self.controls, "--controls", [*CONTROLS, "none"])
@@ -258,9 +266,12 @@ class CJSTask(Task):
         S-second segments) instead.
         Finished stages are reused when run again with the same --out."""
         seed_list = parse_seeds(options.seeds)
-        summary: dict[str, Any] = {"wall_s": {}}
+        train_seeds = check_train_seeds(options)
+        summary: dict[str, Any] = {"wall_s": {}, "train_seeds": train_seeds}
         names = split_list(options.policies, "--policies")
-        runs: dict[str, CJSRecipe] = {}
+        label = f"netllm-{Path(options.llm).name}"
+        variants: dict[str, CJSRecipe] = {}
+        runs: dict[str, dict[int, Path]] = {}
         if options.netllm:
             pool_path = out / "pool.npz"
             if not pool_path.is_file():
@@ -274,27 +285,45 @@ class CJSTask(Task):
             pool = load_pool(pool_path)
             summary["pool"] = {"episodes": pool.num_episodes, "decisions": len(pool), **pool.meta}
             recipe = recipe_of(options)
-            label = f"netllm-{Path(recipe.llm).name}"
-            runs[label] = recipe
+            variants[label] = recipe
             if "random" in split_list(options.controls, "--controls"):
-                runs[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
-            for name, r in runs.items():
-                if stage_done(out / name, r.total_steps(len(pool))):
-                    continue
-                t0 = time.perf_counter()
-                adapt(pool, out / name, r, device=device, resume=True)
-                summary["wall_s"][f"adapt {name}"] = time.perf_counter() - t0
-        for label in split_list(options.settings, "--settings"):
-            setting = CJSEvalOptions.build(**SETTINGS[label])
-            console.print(f"[bold]setting {label}[/bold]: {SETTINGS[label] or 'spec defaults'}")
+                variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
+            for name, r in variants.items():
+                for s in train_seeds:
+                    folder = runs.setdefault(name, {}).setdefault(s, out / f"{name}-seed{s}")
+                    seeded = dataclasses.replace(r, seed=s)
+                    if stage_done(folder, seeded.total_steps(len(pool))):
+                        continue
+                    t0 = time.perf_counter()
+                    adapt(pool, folder, seeded, device=device, resume=True)
+                    summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
+        for setting_name in split_list(options.settings, "--settings"):
+            setting = CJSEvalOptions.build(**SETTINGS[setting_name])
+            console.print(f"[bold]setting {setting_name}[/bold]: {SETTINGS[setting_name] or 'spec defaults'}")
             policies = {n: load_policy(self, n, setting, device) for n in names}
-            for name in runs:
-                policy = load_policy(self, str(out / name), setting, device)
-                policies[policy.name] = policy
-            results = self.evaluate(policies, seed_list, setting, out / label)
-            summary[label] = {n: m.summary() for n, m in results.items()}
+            for name, folders in runs.items():
+                for s, folder in folders.items():
+                    policies[f"{name}-seed{s}"] = load_policy(self, str(folder), setting, device)
+            # every run on its own (runs/), then each variant over its training seeds
+            single = self.evaluate(policies, seed_list, setting, out / setting_name / "runs")
+            results = {n: single[n] for n in names}
+            for name, folders in runs.items():
+                results[name] = combine_train_seeds({s: single[f"{name}-seed{s}"] for s in folders})
+            from netllm.results import write_results
+
+            write_results(out / setting_name, results, parts=("events_per_s", "decisions_per_episode"),
+                          cdf_key="jct_s", title=f"CJS {setting_name} (seeds {options.seeds}, training seeds "
+                                                 f"{options.train_seeds})")
+            summary[setting_name] = {n: m.summary() for n, m in results.items()}
+            if label in results:
+                best = min(names, key=lambda n: results[n].mean)
+                comps = comparisons(results, label, [best, *[n for n in runs if n != label]], trained=list(runs))
+                print_comparisons(f"CJS {setting_name}: {label} minus ... (JCT in s, negative = NetLLM better); "
+                                  f"best baseline: {best}", comps)
+                summary[setting_name]["best_baseline"] = best
+                summary[setting_name]["comparisons"] = comps
         if runs:
-            summary["speed"] = speed_report(out / next(iter(runs)), device=device)
+            summary["speed"] = speed_report(runs[label][train_seeds[0]], device=device)
             console.print(f"speed: {summary['speed']}")
         atomic_write_json(out / "bench.json", summary)
         return summary

@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from netllm.tasks.vp.dataset import Samples, angular_error, from_relative, relative, wrap
+from netllm.tasks.vp.dataset import Samples, angular_error, from_relative, mirror_signs, relative, wrap
 from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance, seed_everything
 
 LSTM_CONFIG = "lstm_config.json"
@@ -106,6 +106,7 @@ class LSTMRecipe:
     seed: int = 0
     hw: int = 10
     fw: int = 20
+    augment: str = "none"  # "mirror" in it: half of each batch mirrored (the NetLLM recipe's --augment)
 
 
 class TrajectoryLSTM(nn.Module):
@@ -176,6 +177,7 @@ def train_lstm(train: Samples, valid: Samples | None, recipe: LSTMRecipe, out: P
     x_all = torch.as_tensor(rel_h / ANGLE_SCALE, dtype=torch.float32)
     y_all = torch.as_tensor(rel_f / ANGLE_SCALE, dtype=torch.float32)
     gen = torch.Generator().manual_seed(recipe.seed)
+    mirror = "mirror" in recipe.augment.split(",")
     best, best_state, t0 = float("inf"), None, time.perf_counter()
     for epoch in range(1, recipe.epochs + 1):
         net.train()
@@ -183,7 +185,11 @@ def train_lstm(train: Samples, valid: Samples | None, recipe: LSTMRecipe, out: P
         total = 0.0
         for i in range(0, len(order), recipe.batch_size):
             idx = order[i:i + recipe.batch_size]
-            loss = (net(x_all[idx], recipe.fw) - y_all[idx]).abs().mean()
+            x, y = x_all[idx], y_all[idx]
+            if mirror:  # the relative inputs do not see absolute yaw: yaw-offset changes nothing
+                signs = torch.as_tensor(mirror_signs(torch.rand(len(idx), generator=gen).numpy() < 0.5))
+                x, y = x * signs[:, None], y * signs[:, None]
+            loss = (net(x, recipe.fw) - y).abs().mean()
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -68,6 +68,7 @@ ALL_VIDEOS = {"Jin2022": tuple(range(1, 28)), "Wu2017": tuple(range(1, 10))}
 ALL_USERS = {"Jin2022": tuple(range(1, 85)), "Wu2017": tuple(range(1, 49))}
 
 Key = tuple[int, int]  # (video, user)
+VIDEO_OFFSET = 1000  # video ids of the second data set in Samples.concat
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,15 @@ class Samples:
         return Samples(self.history[idx], self.future[idx], self.video[idx], self.user[idx], self.t[idx],
                        list(self.skipped))
 
+    @staticmethod
+    def concat(parts: "list[Samples]") -> "Samples":
+        """The windows of several data sets in one; the video ids of part ``i`` are offset
+        by ``1000 * i`` so that (video, user) still names one trace."""
+        return Samples(np.concatenate([p.history for p in parts]), np.concatenate([p.future for p in parts]),
+                       np.concatenate([p.video + VIDEO_OFFSET * i for i, p in enumerate(parts)]),
+                       np.concatenate([p.user for p in parts]), np.concatenate([p.t for p in parts]),
+                       [f for p in parts for f in p.skipped])
+
 
 # ----------------------------------------------------------------------------- angles
 
@@ -145,6 +155,14 @@ def relative(history: np.ndarray, future: np.ndarray | None = None) -> tuple[np.
     last = history[:, -1:, :]
     rel_future = None if future is None else wrap(future - last)
     return wrap(history - last), rel_future
+
+
+def mirror_signs(flip: np.ndarray) -> np.ndarray:
+    """(N,) booleans -> (N, 3) factors on (roll, pitch, yaw): a flipped window is the
+    mirror image of its head motion (yaw and roll negated, pitch kept)."""
+    signs = np.ones((len(flip), 3), dtype=np.float32)
+    signs[np.asarray(flip, dtype=bool)] = (-1.0, 1.0, -1.0)
+    return signs
 
 
 def from_relative(history: np.ndarray, rel_future: np.ndarray) -> np.ndarray:
@@ -284,6 +302,15 @@ def make_windows(traces: dict[Key, np.ndarray], spec: WindowSpec = WindowSpec(),
     if not hist:
         raise NetLLMError(f"{where}: no traces to cut into windows")
     return Samples(np.stack(hist), np.stack(fut), np.array(vid), np.array(usr), np.array(ts))
+
+
+def load_training_samples(dataset: str, split: str, spec: WindowSpec = WindowSpec(),
+                          root: str | Path | None = None) -> Samples:
+    """The windows a recipe trains or validates on: one data set's split, or with
+    ``dataset="both"`` the split of every data set together (:meth:`Samples.concat`)."""
+    if dataset == "both":
+        return Samples.concat([load_samples(d, split, spec, root) for d in DATASETS])
+    return load_samples(dataset, split, spec, root)
 
 
 def load_samples(dataset: str, split: str, spec: WindowSpec = WindowSpec(),

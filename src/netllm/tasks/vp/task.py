@@ -33,7 +33,8 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig
 from netllm.options import Options, opt, split_list
-from netllm.recipe import Recipe, load_policy, run_adaptation, stage_done
+from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, run_adaptation, stage_done
+from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.vp.baselines import (
     ANGLE_SCALE,
@@ -52,6 +53,8 @@ from netllm.tasks.vp.dataset import (
     angular_error,
     from_relative,
     load_samples,
+    load_training_samples,
+    mirror_signs,
     relative,
     wrap,
 )
@@ -66,14 +69,16 @@ TOKEN_FEATURES = 3  # absolute, offset to last, step (see the module docstring)
 
 
 def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32, hw: int = 10, fw: int = 20,
-                 pretrained: bool = True, seed: int = 0, image: Any = None) -> NetLLMConfig:
+                 pretrained: bool = True, seed: int = 0, image: Any = None,
+                 lora_dropout: float = 0.05) -> NetLLMConfig:
     """The VP model: a viewport token (+ an optional frame token) per step, one regression head."""
     encoders = [EncoderSpec("viewport", "series", in_dim=TOKEN_FEATURES, length=3, kernel_size=3)]
     if image is not None:
         encoders.append(EncoderSpec("frame", "image", vision=image))
     return NetLLMConfig(
         task="vp", encoders=encoders, heads={"future": HeadSpec("regression", steps=fw, dims=3)},
-        llm=llm, layers=layers, lora=LoraSpec(rank=rank, alpha=2 * rank) if rank else LoraSpec(rank=0),
+        llm=llm, layers=layers,
+        lora=LoraSpec(rank=rank, alpha=2 * rank, dropout=lora_dropout) if rank else LoraSpec(rank=0),
         pretrained=pretrained, seed=seed, norm={"hw": hw, "fw": fw, "angle_scale": ANGLE_SCALE},
     )
 
@@ -202,6 +207,8 @@ def write_vp_results(out: Path, results: dict[str, Metrics], horizons: dict[str,
 
 
 VALID_STRIDE = 4  # the adapter kept is the best on every 4th window of the valid split
+TRAIN_DATASETS = (*DATASETS, "both")
+AUGMENTATIONS = ("mirror", "yaw-offset")
 HW_HELP = "History window: observed samples per prediction (5 Hz)."
 FW_HELP = "Future window: samples predicted (5 Hz); 20 = 4 s."
 STEP_HELP = "Windows are cut every N samples of a trace."
@@ -228,17 +235,30 @@ class VPRecipe(Recipe):
                         choices=("constant", "linear", "cosine"))
     eval_every: int = opt(100, "Validate every N steps on a quarter of the valid split and keep the best "
                                "adapter (0: keep the last).", min=0)
-    dataset: str = opt("Jin2022", "Training data set: its train split trains, its valid split picks the "
-                                  "adapter.", choices=DATASETS)
+    dataset: str = opt("Jin2022", "Training data: its train split trains, its valid split picks the adapter "
+                                  "(both: the train and valid splits of Jin2022 and Wu2017 together).",
+                       choices=TRAIN_DATASETS)
     hw: int = opt(10, HW_HELP, min=1)
     fw: int = opt(20, FW_HELP, min=1)
     step: int = opt(15, STEP_HELP, min=1)
+    augment: str = opt("none", "Training augmentation, comma-separated: mirror (negate yaw and roll of half "
+                               "the windows: the mirror image of a head motion is one too), yaw-offset (turn "
+                               "the absolute yaw of every window by a random angle), none.")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, max=0.9)
+    valid_stride: int = opt(VALID_STRIDE, "Validate on every N-th window of the valid split (1: all).", min=1)
 
     def check(self) -> None:
         super().check()
         if self.epochs <= 0:
             raise NetLLMError(f"--epochs: must be > 0, got {self.epochs!r}")
         self.window()
+        self.augmentations()
+
+    def augmentations(self) -> tuple[str, ...]:
+        names = split_list(self.augment, "--augment", [*AUGMENTATIONS, "none"])
+        if "none" in names and len(names) > 1:
+            raise NetLLMError(f"--augment: 'none' cannot be combined with {', '.join(n for n in names if n != 'none')}")
+        return tuple(n for n in names if n != "none")
 
     def window(self) -> WindowSpec:
         return WindowSpec(hw=self.hw, fw=self.fw, step=self.step)
@@ -256,7 +276,7 @@ def recipe_of(options: VPRecipe) -> VPRecipe:
 
 
 # the recipe fields the LSTM baseline uses too (the others are the NetLLM adapter's)
-LSTM_SHARED = ("dataset", "hw", "fw", "step", "seed")
+LSTM_SHARED = ("dataset", "hw", "fw", "step", "seed", "augment", "valid_stride")
 
 
 @dataclass
@@ -291,7 +311,8 @@ class VPAdaptOptions(VPRecipe):
 
     def lstm_recipe(self) -> LSTMRecipe:
         return LSTMRecipe(hidden=self.lstm_hidden, layers=self.lstm_layers, epochs=self.lstm_epochs,
-                          batch_size=self.lstm_batch_size, lr=self.lstm_lr, seed=self.seed, hw=self.hw, fw=self.fw)
+                          batch_size=self.lstm_batch_size, lr=self.lstm_lr, seed=self.seed, hw=self.hw, fw=self.fw,
+                          augment=self.augment)
 
 
 @dataclass
@@ -320,36 +341,46 @@ BENCH_BASELINES = ("no-motion", "velocity", "lr")
 class VPBenchOptions(VPRecipe):
     """The whole pipeline; the recipe fields are the adaptation's (same defaults as adapt)."""
 
-    seeds: str = opt("0", "Training seeds: one NetLLM adaptation (per variant) and one LSTM per seed "
-                          "(replaces --seed).")
+    train_seeds: str = opt("0", TRAIN_SEEDS_HELP + " The LSTM is trained once per seed too.")
     controls: str = opt("random", "Controls trained beside NetLLM: random (the same recipe on random LLM "
                                   "weights), none.")
 
     def check(self) -> None:
-        from netllm.utils import parse_seeds
-
         super().check()
-        parse_seeds(self.seeds)
+        check_train_seeds(self)
         split_list(self.controls, "--controls", [*CONTROLS, "none"])
-        if self.seed != VPRecipe.seed:
-            raise NetLLMError("--seed: the benchmark trains one run per training seed; pass --seeds instead")
 
 
 # ----------------------------------------------------------------------------- adaptation
 
 
-def batches(samples: Samples, batch_size: int, seed: int) -> Callable[[int], dict[str, torch.Tensor]]:
-    """Deterministic ``get_batch(i)``: epoch ``e`` visits a permutation seeded by ``seed + e``."""
+def batches(samples: Samples, batch_size: int, seed: int,
+            augment: Sequence[str] = ()) -> Callable[[int], dict[str, torch.Tensor]]:
+    """Deterministic ``get_batch(i)``: epoch ``e`` visits a permutation seeded by ``seed + e``;
+    ``augment`` (see ``--augment``) transforms batch ``i`` by a stream seeded by ``(seed, i)``."""
     feats = torch.as_tensor(step_features(samples.history))
     _, rel_future = relative(samples.history, samples.future)
     target = torch.as_tensor(rel_future / ANGLE_SCALE, dtype=torch.float32)
     per_epoch = max(1, len(samples) // batch_size)
+    unknown = set(augment) - set(AUGMENTATIONS)
+    if unknown:
+        raise NetLLMError(f"--augment: unknown {sorted(unknown)[0]!r}; choose from {', '.join(AUGMENTATIONS)}")
 
     def get_batch(i: int) -> dict[str, torch.Tensor]:
         epoch, j = divmod(i, per_epoch)
         perm = np.random.default_rng(seed + epoch).permutation(len(samples))
         idx = torch.as_tensor(perm[j * batch_size:(j + 1) * batch_size])
-        return {"features": feats[idx], "target": target[idx]}
+        x, y = feats[idx], target[idx]
+        if augment:
+            rng = np.random.default_rng([seed, i, 7])
+            if "mirror" in augment:
+                signs = torch.as_tensor(mirror_signs(rng.random(len(idx)) < 0.5))
+                x, y = x * signs[:, None, None, :], y * signs[:, None, :]
+            if "yaw-offset" in augment:  # only the absolute feature knows where the viewer looks
+                x = x.clone()
+                turned = x[:, :, 0, 2].double() * 180.0 + torch.as_tensor(rng.uniform(-180, 180, len(idx)))[:, None]
+                x[:, :, 0, 2] = (torch.as_tensor(wrap(turned.numpy())) / 180.0).float()
+        return {"features": x, "target": y}
 
     return get_batch
 
@@ -368,14 +399,15 @@ def adapt(train_samples: Samples, out: Path, recipe: VPRecipe, *, valid: Samples
     kept is the one with the lowest MAE on it (``extra.best.mae`` of its config)."""
     seed_everything(recipe.seed)
     config = model_config(llm=recipe.llm, layers=recipe.layers, rank=recipe.rank, hw=recipe.hw, fw=recipe.fw,
-                          pretrained=recipe.pretrained, seed=recipe.seed)
+                          pretrained=recipe.pretrained, seed=recipe.seed, lora_dropout=recipe.lora_dropout)
     model = build_model(config, device=device)
     validate = None
     if valid is not None:
         def validate(m: NetLLM) -> float:
             return evaluate(NetLLMVPPolicy(m), valid)[0].mean
 
-    return run_adaptation(model, batches(train_samples, recipe.batch_size, recipe.seed), vp_loss, recipe, out,
+    get_batch = batches(train_samples, recipe.batch_size, recipe.seed, recipe.augmentations())
+    return run_adaptation(model, get_batch, vp_loss, recipe, out,
                           steps=recipe.total_steps(len(train_samples)), metric="mae", higher_is_better=False,
                           validate=validate, resume=resume, progress=progress, min_lr=recipe.lr / 10,
                           extra=lambda: {"train_samples": len(train_samples)})
@@ -413,7 +445,7 @@ class VPTask(Task):
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, VPRecipe) else VPRecipe()
         return model_config(llm=r.llm, layers=r.layers, rank=r.rank, hw=r.hw, fw=r.fw, pretrained=r.pretrained,
-                            seed=r.seed)
+                            seed=r.seed, lora_dropout=r.lora_dropout)
 
     def baselines(self) -> dict[str, Callable[[VPEvalOptions], Any]]:
         return {name: (lambda options, n=name: make_baseline(n, options.fw)) for name in BASELINES}
@@ -435,7 +467,8 @@ class VPTask(Task):
     def check_adapt(self, recipe: VPAdaptOptions) -> None:
         from netllm.data import dataset_path
 
-        dataset_path("vp", "viewports", recipe.dataset)  # no data: one line, before the run folder
+        for dataset in DATASETS if recipe.dataset == "both" else (recipe.dataset,):
+            dataset_path("vp", "viewports", dataset)  # no data: one line, before the run folder
 
     def check_eval(self, options: VPEvalOptions) -> None:
         from netllm.data import dataset_path
@@ -462,13 +495,13 @@ class VPTask(Task):
     def adapt(self, out: Path, recipe: VPAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
         """The NetLLM adapter of the recipe, or (``--model lstm``) the LSTM baseline's run."""
         spec = recipe.window()
-        train_samples = load_samples(recipe.dataset, "train", spec)
-        valid = load_samples(recipe.dataset, "valid", spec)
+        train_samples = load_training_samples(recipe.dataset, "train", spec)
+        valid = load_training_samples(recipe.dataset, "valid", spec).subset(slice(0, None, recipe.valid_stride))
         if recipe.model == "lstm":
             train_lstm(train_samples, valid, recipe.lstm_recipe(), out, log=console.print)
             console.print(f"LSTM run: {out}")
             return out
-        return adapt(train_samples, out, recipe_of(recipe), valid=valid.subset(slice(0, None, VALID_STRIDE)),
+        return adapt(train_samples, out, recipe_of(recipe), valid=valid,
                      device=device, resume=resume)
 
     # -- benchmark ---------------------------------------------------------------------------
@@ -481,35 +514,33 @@ class VPTask(Task):
         """
         from netllm.utils import parse_seeds
 
-        train_seeds = parse_seeds(options.seeds)
+        train_seeds = parse_seeds(options.train_seeds, "--train-seeds")
         recipe = recipe_of(options)
         spec = recipe.window()
-        train_samples = load_samples(recipe.dataset, "train", spec)
-        valid = load_samples(recipe.dataset, "valid", spec).subset(slice(0, None, VALID_STRIDE))
-        summary: dict[str, Any] = {"wall_s": {}, "train_samples": len(train_samples)}
+        train_samples = load_training_samples(recipe.dataset, "train", spec)
+        valid = load_training_samples(recipe.dataset, "valid", spec).subset(slice(0, None, recipe.valid_stride))
+        summary: dict[str, Any] = {"wall_s": {}, "train_samples": len(train_samples), "train_seeds": train_seeds,
+                                   "recipe": dataclasses.asdict(recipe)}
         label = f"netllm-{Path(recipe.llm).name}"
         variants = {label: recipe}
         if "random" in split_list(options.controls, "--controls"):
             variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
-        runs: dict[str, list[Path]] = {}
+        runs: dict[str, dict[int, Path]] = {"lstm": {}}
         for name, variant in variants.items():
             for s in train_seeds:
-                folder = out / f"{name}-seed{s}"
-                runs.setdefault(name, []).append(folder)
+                folder = runs.setdefault(name, {}).setdefault(s, out / f"{name}-seed{s}")
                 seeded = dataclasses.replace(variant, seed=s)
                 if stage_done(folder, seeded.total_steps(len(train_samples))):
                     continue
                 t0 = time.perf_counter()
                 adapt(train_samples, folder, seeded, valid=valid, device=device, resume=True)
                 summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
-        lstm_dirs = []
         for s in train_seeds:
-            folder = out / f"lstm-seed{s}"
-            lstm_dirs.append(folder)
+            folder = runs["lstm"][s] = out / f"lstm-seed{s}"
             if not (folder / LSTM_CONFIG).is_file():
                 t0 = time.perf_counter()
-                train_lstm(train_samples, valid, LSTMRecipe(seed=s, hw=spec.hw, fw=spec.fw), folder,
-                           log=lambda *_: None)
+                train_lstm(train_samples, valid, LSTMRecipe(seed=s, hw=spec.hw, fw=spec.fw, augment=recipe.augment),
+                           folder, log=lambda *_: None)
                 summary["wall_s"][f"train {folder.name}"] = time.perf_counter() - t0
         for dataset in DATASETS:
             test_options = VPEvalOptions(dataset=dataset, split="test", hw=spec.hw, fw=spec.fw, step=spec.step)
@@ -518,26 +549,28 @@ class VPTask(Task):
             horizons: dict[str, np.ndarray] = {}
             for b in BENCH_BASELINES:
                 results[b], horizons[b] = evaluate(load_policy(self, b, test_options, device), test)
-            for group, folders in {"lstm": lstm_dirs, **runs}.items():
-                per_seed: dict[int, float] = {}
-                rows_first: list[dict[str, Any]] = []
-                h_sum: np.ndarray | float = 0.0
-                parts_sum: dict[str, float] = {}
-                for s, folder in zip(train_seeds, folders):
+            for group, folders in runs.items():
+                per_train: dict[int, Metrics] = {}
+                curves = []
+                for s, folder in folders.items():
                     t0 = time.perf_counter()
-                    m, h = evaluate(load_policy(self, str(folder), test_options, device), test, [s])
+                    per_train[s], h = evaluate(load_policy(self, str(folder), test_options, device), test, [s])
                     summary["wall_s"][f"eval {folder.name} {dataset}"] = time.perf_counter() - t0
-                    per_seed[s] = m.per_seed[s]
-                    rows_first = rows_first or m.rows
-                    h_sum = h_sum + h / len(folders)
-                    for k, v in m.parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v / len(folders)
-                results[group] = Metrics("mae_deg", False, per_seed, parts=parts_sum, rows=rows_first)
-                horizons[group] = np.asarray(h_sum)
-            write_vp_results(out / dataset, results, horizons,
-                             title=f"VP: trained on {recipe.dataset}, tested on {dataset}/test ({len(test)} windows)")
+                    curves.append(h)
+                results[group] = combine_train_seeds(per_train)
+                horizons[group] = np.mean(curves, axis=0)
+            title = (f"VP: trained on {recipe.dataset}, tested on {dataset}/test ({len(test)} windows), "
+                     f"training seeds {options.train_seeds}")
+            write_vp_results(out / dataset, results, horizons, title=title)
+            best = min((n for n in results if n != label and n not in variants), key=lambda n: results[n].mean)
+            comps = comparisons(results, label, list(dict.fromkeys([best, "lstm", "no-motion", *variants])),
+                                trained=[*runs])
+            print_comparisons(f"{dataset}/test: {label} minus ... (MAE in degrees, negative = NetLLM better); "
+                              f"best baseline: {best}", comps)
             summary[dataset] = {n: m.summary() for n, m in results.items()}
-        summary["speed"] = speed_report(runs[label][0], device=device)
+            summary[dataset]["best_baseline"] = best
+            summary[dataset]["comparisons"] = comps
+        summary["speed"] = speed_report(runs[label][train_seeds[0]], device=device)
         atomic_write_json(out / "bench.json", summary)
         console.print(f"written: {out / 'bench.json'}")
         return summary

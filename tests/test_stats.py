@@ -1,0 +1,69 @@
+"""Spread over training seeds and paired comparisons (netllm.stats, netllm.results)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from netllm.results import combine_train_seeds, comparisons
+from netllm.stats import describe, paired_difference, spread, t_interval
+from netllm.tasks.base import Metrics
+from netllm.utils import NetLLMError
+
+
+def test_spread_uses_the_sample_std():
+    s = spread({0: 1.0, 1: 2.0, 2: 3.0})
+    assert s["mean"] == 2.0 and s["std"] == 1.0 and s["n"] == 3
+    assert spread({5: 4.0})["std"] == 0.0
+
+
+def test_t_interval_matches_the_textbook_value():
+    # mean 2, sd 1, n 3: half width = t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321
+    lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert (hi - lo) / 2 == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert t_interval([1.0]) is None
+
+
+def test_paired_difference_pairs_key_by_key_and_gives_a_verdict():
+    a = {0: 9.0, 1: 9.2, 2: 9.1}
+    b = {0: 9.5, 1: 9.6, 2: 9.6}
+    d = paired_difference(a, b, "lower")
+    assert d["mean"] == pytest.approx(-1.4 / 3)
+    assert d["per_key"] == {"0": pytest.approx(-0.5), "1": pytest.approx(-0.4), "2": pytest.approx(-0.5)}
+    assert d["ci"][1] < 0 and d["a_better"] is True
+    assert paired_difference(a, b, "higher")["a_better"] is False
+    noisy = paired_difference({0: 1.0, 1: 3.0}, {0: 2.0, 1: 1.0}, "higher")
+    assert noisy["ci"][0] < 0 < noisy["ci"][1] and noisy["a_better"] is False
+    assert paired_difference({0: 1.0}, {0: 2.0}, "lower")["a_better"] is None
+    assert "CI" in describe(d) and "no interval" in describe(paired_difference({0: 1.0}, {0: 2.0}, "lower"))
+    with pytest.raises(NetLLMError, match="keys differ"):
+        paired_difference({0: 1.0, 1: 1.0}, {0: 1.0, 2: 1.0}, "lower")
+
+
+def _m(per_seed, higher=True):
+    return Metrics("qoe", higher, dict(per_seed), parts={"bitrate_mbps": sum(per_seed.values())})
+
+
+def test_combine_over_training_seeds_and_compare_with_a_baseline_that_does_not_train():
+    runs = {0: _m({1: 1.0, 2: 1.2}), 1: _m({1: 0.8, 2: 1.0}), 2: _m({1: 1.1, 2: 1.1})}
+    combined = combine_train_seeds(runs)
+    assert combined.per_seed == {0: pytest.approx(1.1), 1: pytest.approx(0.9), 2: pytest.approx(1.1)}
+    assert combined.info["paired_over"] == "training seeds"
+    assert combined.summary()["eval_std_per_train_seed"]["0"] == pytest.approx(0.1)
+    control = combine_train_seeds({0: _m({1: 0.9, 2: 0.9}), 1: _m({1: 0.9, 2: 0.7}), 2: _m({1: 1.0, 2: 1.0})})
+    baseline = _m({1: 0.5, 2: 0.7})  # evaluation seeds 1, 2: its mean stands for every training seed
+    results = {"netllm": combined, "random-init": control, "mpc": baseline}
+    comps = comparisons(results, "netllm", ["mpc", "random-init"], trained=["netllm", "random-init"])
+    assert comps["netllm - mpc"]["per_key"] == {"0": pytest.approx(0.5), "1": pytest.approx(0.3),
+                                                "2": pytest.approx(0.5)}
+    assert comps["netllm - mpc"]["paired_over"] == "training seeds" and comps["netllm - mpc"]["a_better"]
+    assert comps["netllm - random-init"]["per_key"]["1"] == pytest.approx(0.1)
+
+
+def test_one_training_seed_pairs_over_the_evaluation_seeds():
+    single = combine_train_seeds({0: _m({1: 1.0, 2: 1.2, 3: 1.1})})
+    assert single.per_seed == {1: 1.0, 2: 1.2, 3: 1.1} and single.info["paired_over"] == "evaluation seeds"
+    comps = comparisons({"netllm": single, "bba": _m({1: 0.9, 2: 1.0, 3: 1.05})}, "netllm", ["bba"],
+                        trained=["netllm"])
+    assert comps["netllm - bba"]["n"] == 3 and comps["netllm - bba"]["paired_over"] == "evaluation seeds"
