@@ -247,3 +247,30 @@ def test_unseen_traces_are_reported_beside_the_whole_set(tmp_path):
     assert m.parts["qoe_unseen"] == pytest.approx(np.mean(unseen_rows))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["bba"]
     assert saved["qoe_unseen"] == pytest.approx(m.parts["qoe_unseen"])
+
+
+@pytest.mark.integration
+def test_bench_over_two_training_seeds_on_the_clean_split(tiny_llama, real_data, tmp_path, monkeypatch):
+    """`bench abr --train-seeds 0-1`: the pool plays fcc-pool, the adapters are chosen on
+    fcc-holdout, every variant is trained per training seed; the table is over training
+    seeds with paired intervals against the best baseline and the control."""
+    from netllm.tasks.abr.task import TASK, ABRBenchOptions
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    options = ABRBenchOptions.build(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=2,
+                                    warmup_steps=0, eval_every=2, valid_count=3, behaviour="bba", keep="all",
+                                    pool_seeds="1", pool_videos="video1", seeds="1", videos="video1",
+                                    controls="random", baselines="bba,mpc", train_seeds="0-1")
+    summary = TASK.bench(options, tmp_path / "bench", device="cpu")
+    assert summary["pool"]["episodes"] == 159  # fcc-pool: no fcc-holdout and no fcc-test trace
+    table = summary["video1"]
+    label = "netllm-" + os.path.basename(tiny_llama)
+    assert table[label]["seeds"] == [0, 1] and table[label]["paired_over"] == "training seeds"
+    assert table["best_baseline"] == max(("bba", "mpc"), key=lambda b: table[b]["mean"])
+    comps = table["comparisons"]
+    assert set(comps) == {f"{label} - {table['best_baseline']}", f"{label} - {label}-random-init"}
+    assert all(c["n"] == 2 and c["ci"] is not None for c in comps.values())
+    assert table[label]["unseen_traces"] == 58.0
+    for s in (0, 1):
+        config = json.loads((tmp_path / "bench" / f"{label}-seed{s}" / "adapter_config.json").read_text())
+        assert config["extra"]["recipe"]["seed"] == s and config["extra"]["recipe"]["valid_traces"] == "fcc-holdout"

@@ -94,3 +94,26 @@ def test_bench_checks_its_pool_and_schedule_options_before_writing(tmp_path):
     bad = _cli("bench", "cjs", "--settings", "default,jobs4OO", "--out", str(out))
     assert bad.returncode == 2 and "--settings" in bad.stderr and "Traceback" not in bad.stderr
     assert not out.exists()
+
+
+@pytest.mark.integration
+def test_bench_over_two_training_seeds(tiny_llama, real_data, tmp_path, monkeypatch):
+    """`bench cjs --train-seeds 0-1` on a tiny setting: every run evaluated on its own
+    (runs/), each variant over its training seeds, paired against the best baseline."""
+    from netllm.tasks.cjs import task as cjs_task
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    monkeypatch.setitem(cjs_task.SETTINGS, "default", {"jobs": 4})
+    options = CJSBenchOptions.build(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=2,
+                                    warmup_steps=0, eval_every=0, pool_seeds="101", pool_jobs=4,
+                                    policies="fifo,fair", seeds="1,2", controls="none", settings="default",
+                                    train_seeds="0-1")
+    summary = cjs_task.TASK.bench(options, tmp_path / "bench", device="cpu")
+    label = "netllm-" + os.path.basename(tiny_llama)
+    table = summary["default"]
+    assert table[label]["seeds"] == [0, 1] and set(table[label]["per_train_seed"]) == {"0", "1"}
+    best = table["best_baseline"]
+    assert best == min(("fifo", "fair"), key=lambda b: table[b]["mean"])
+    assert table["comparisons"][f"{label} - {best}"]["n"] == 2
+    runs = json.loads((tmp_path / "bench" / "default" / "runs" / "results.json").read_text())
+    assert {f"{label}-seed0", f"{label}-seed1", "fifo", "fair"} == set(runs)
