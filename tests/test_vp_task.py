@@ -111,10 +111,11 @@ def test_one_recipe_holds_every_default():
     r = VPRecipe()
     assert (r.llm, r.layers, r.rank, r.batch_size, r.epochs, r.steps, r.lr, r.warmup_steps, r.weight_decay,
             r.schedule, r.eval_every, r.pretrained, r.seed) == (
-        "smollm2", 6, 32, 32, 2.0, None, 2e-4, 50, 0.01, "cosine", 100, True, 0)
-    assert (r.dataset, r.hw, r.fw, r.step) == ("Jin2022", 10, 20, 15)
-    assert r.total_steps(8820) == 552  # ceil(2 epochs * 8,820 windows / 32)
-    assert dataclasses.replace(r, steps=7).total_steps(8820) == 7  # --steps replaces --epochs
+        "smollm2", 6, 32, 32, None, 2000, 5e-4, 50, 0.01, "cosine", 100, True, 0)
+    assert (r.dataset, r.hw, r.fw, r.step, r.augment, r.valid_stride) == ("both", 10, 20, 5, "mirror", 4)
+    assert r.augmentations() == ("mirror",) and r.total_steps(75256) == 2000
+    assert dataclasses.replace(r, epochs=2.0).total_steps(8820) == 552  # --epochs replaces --steps
+    assert VPEvalOptions().step == 15  # training windows are denser than the evaluation's
     config = TASK.model_config(r)
     assert config.layers == 6 and config.lora.rank == 32 and config.lora.alpha == 64
     assert config.norm["hw"] == 10 and config.norm["fw"] == 20
@@ -125,7 +126,7 @@ def test_one_recipe_holds_every_default():
     e = VPEvalOptions()
     assert (e.dataset, e.split, e.hw, e.fw, e.step) == ("Jin2022", "test", 10, 20, 15)
     lstm = VPAdaptOptions.build(model="lstm", hw=8, fw=5, seed=3, lstm_epochs=4).lstm_recipe()
-    assert lstm == LSTMRecipe(epochs=4, hw=8, fw=5, seed=3)
+    assert lstm == LSTMRecipe(epochs=4, hw=8, fw=5, seed=3, augment="mirror")  # the same data levers
 
 
 @pytest.mark.parametrize("cls, values, needle", [
@@ -303,7 +304,7 @@ def test_bench_over_two_training_seeds_reports_spread_and_paired_intervals(tiny_
     over training seeds, paired differences with intervals; a rerun reuses every stage."""
     monkeypatch.setenv("NETLLM_DATA", str(real_data))
     options = VPBenchOptions.build(llm=tiny_llama, layers=2, rank=4, steps=4, batch_size=8, eval_every=2,
-                                   warmup_steps=0, step=150, valid_stride=8, train_seeds="0-1", controls="random")
+                                   warmup_steps=0, step=300, valid_stride=8, train_seeds="0-1", controls="random")
     summary = TASK.bench(options, tmp_path / "bench", device="cpu")
     for dataset in ("Jin2022", "Wu2017"):
         table = summary[dataset]
