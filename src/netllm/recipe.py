@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -114,6 +114,25 @@ def check_train_seeds(options: Recipe) -> list[int]:
     if options.seed != Recipe.seed:
         raise NetLLMError("--seed: the benchmark trains one run per training seed; pass --train-seeds instead")
     return seeds
+
+
+def train_variants(variants: dict[str, Recipe], train_seeds: list[int], out: Path, num_samples: int,
+                   wall_s: dict[str, float], *, train: Callable[[Any, Path], Any]) -> dict[str, dict[int, Path]]:
+    """A benchmark's trainings: every variant once per training seed, in
+    ``out/<variant>-seed<s>``, by ``train(recipe, folder)`` (resumable); a finished stage
+    is reused. Returns ``{variant: {seed: folder}}``; the wall time of each training goes
+    to ``wall_s``."""
+    runs: dict[str, dict[int, Path]] = {}
+    for name, recipe in variants.items():
+        for s in train_seeds:
+            folder = runs.setdefault(name, {}).setdefault(s, out / f"{name}-seed{s}")
+            seeded = replace(recipe, seed=s)
+            if stage_done(folder, seeded.total_steps(num_samples)):
+                continue
+            t0 = time.perf_counter()
+            train(seeded, folder)
+            wall_s[f"adapt {folder.name}"] = time.perf_counter() - t0
+    return runs
 
 
 def stage_done(folder: Path, steps: int) -> bool:

@@ -23,7 +23,7 @@ from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_conf
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
 from netllm.options import Options, opt, split_list
-from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, stage_done
+from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, train_variants)
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.utils import NetLLMError, seed_everything
 
@@ -563,17 +563,10 @@ class ABRTask(Task):
             variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
         if "scratch" in controls:
             variants["dt-scratch"] = dataclasses.replace(recipe, llm="scratch", layers=3, rank=0)
-        runs = {name: {s: out / f"{name}-seed{s}" for s in train_seeds} for name in variants}
-        valid = validation_traces(recipe)
-        for name, r in variants.items():
-            for s, folder in runs[name].items():
-                seeded = dataclasses.replace(r, seed=s)
-                if stage_done(folder, seeded.total_steps(len(pool))):
-                    continue
-                t0 = time.perf_counter()
-                adapt(pool, folder, seeded, device=device, resume=True, eval_traces=valid,
-                      eval_video=load_video(recipe.valid_video))
-                summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
+        valid, valid_video = validation_traces(recipe), load_video(recipe.valid_video)
+        runs = train_variants(variants, train_seeds, out, len(pool), summary["wall_s"],
+                              train=lambda r, folder: adapt(pool, folder, r, device=device, resume=True,
+                                                            eval_traces=valid, eval_video=valid_video))
         test = load_traces("fcc-test")
         test_env = env_setting("fcc-test")
         for video_name in options.videos.split(","):

@@ -40,7 +40,7 @@ from rich.console import Console
 
 from netllm.model import ADAPTER_CONFIG, NetLLMConfig
 from netllm.options import Options, opt, split_list
-from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, stage_done
+from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, train_variants
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.cjs.baselines import SCHEDULERS, run_episode
@@ -288,15 +288,8 @@ class CJSTask(Task):
             variants[label] = recipe
             if "random" in split_list(options.controls, "--controls"):
                 variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
-            for name, r in variants.items():
-                for s in train_seeds:
-                    folder = runs.setdefault(name, {}).setdefault(s, out / f"{name}-seed{s}")
-                    seeded = dataclasses.replace(r, seed=s)
-                    if stage_done(folder, seeded.total_steps(len(pool))):
-                        continue
-                    t0 = time.perf_counter()
-                    adapt(pool, folder, seeded, device=device, resume=True)
-                    summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
+            runs = train_variants(variants, train_seeds, out, len(pool), summary["wall_s"],
+                                  train=lambda r, folder: adapt(pool, folder, r, device=device, resume=True))
         for setting_name in split_list(options.settings, "--settings"):
             setting = CJSEvalOptions.build(**SETTINGS[setting_name])
             console.print(f"[bold]setting {setting_name}[/bold]: {SETTINGS[setting_name] or 'spec defaults'}")

@@ -32,7 +32,7 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig
 from netllm.options import Options, opt, split_list
-from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, run_adaptation, stage_done
+from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, run_adaptation, train_variants)
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.vp.baselines import (
@@ -518,15 +518,9 @@ class VPTask(Task):
         if "random" in split_list(options.controls, "--controls"):
             variants[f"{label}-random-init"] = dataclasses.replace(recipe, pretrained=False)
         runs: dict[str, dict[int, Path]] = {"lstm": {}}
-        for name, variant in variants.items():
-            for s in train_seeds:
-                folder = runs.setdefault(name, {}).setdefault(s, out / f"{name}-seed{s}")
-                seeded = dataclasses.replace(variant, seed=s)
-                if stage_done(folder, seeded.total_steps(len(train_samples))):
-                    continue
-                t0 = time.perf_counter()
-                adapt(train_samples, folder, seeded, valid=valid, device=device, resume=True)
-                summary["wall_s"][f"adapt {folder.name}"] = time.perf_counter() - t0
+        runs.update(train_variants(
+            variants, train_seeds, out, len(train_samples), summary["wall_s"],
+            train=lambda r, folder: adapt(train_samples, folder, r, valid=valid, device=device, resume=True)))
         for s in train_seeds:
             folder = runs["lstm"][s] = out / f"lstm-seed{s}"
             if not (folder / LSTM_CONFIG).is_file():
