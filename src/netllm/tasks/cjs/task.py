@@ -41,7 +41,7 @@ from rich.console import Console
 from netllm.model import ADAPTER_CONFIG, NetLLMConfig
 from netllm.options import Options, opt, split_list
 from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, train_variants
-from netllm.results import combine_train_seeds, comparisons, print_comparisons
+from netllm.results import combine_train_seeds, comparisons, print_comparisons, write_results
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.cjs.baselines import SCHEDULERS, run_episode
 from netllm.tasks.cjs.policy import (DECODE_HELP, CJSRecipe, NetLLMCJSPolicy, adapt, decode_temperature, model_config,
@@ -223,7 +223,6 @@ class CJSTask(Task):
 
     def evaluate(self, policies: dict[str, Any], seeds: list[int], options: CJSSetting,
                  out: Path) -> dict[str, Metrics]:
-        from netllm.results import write_results
         from netllm.tasks.cjs.jobs import load_all
 
         config = options.config()
@@ -302,8 +301,6 @@ class CJSTask(Task):
             results = {n: single[n] for n in names}
             for name, folders in runs.items():
                 results[name] = combine_train_seeds({s: single[f"{name}-seed{s}"] for s in folders})
-            from netllm.results import write_results
-
             write_results(out / setting_name, results, parts=("events_per_s", "decisions_per_episode"),
                           cdf_key="jct_s", title=f"CJS {setting_name} (seeds {options.seeds}, training seeds "
                                                  f"{options.train_seeds})")
