@@ -35,17 +35,16 @@ class TemperedDecima(DecimaScheduler):
         self.stage_t, self.limit_t = stage_t, limit_t
         self.name = f"decima-t{stage_t:g}:{limit_t:g}"
 
-    def _pick(self, logits: torch.Tensor, t: float) -> int:
+    def _pick(self, logits: torch.Tensor, t: float, rng) -> int:
         if t == 0:
             return int(torch.argmax(logits))
         pi = torch.softmax(logits / t, 0).numpy()
-        return self.rng.choices(range(pi.size), pi)[0]
+        return rng.choices(range(pi.size), pi)[0]
 
-    def _act(self, obs: CJSObservation) -> CJSAction:
-        h, h_dag, h_glob = self.net.encode(obs)
-        stage_idx = self._pick(self.net.stage_logits(obs, h, h_dag, h_glob), self.stage_t)
+    def _decide(self, obs: CJSObservation, h, h_dag, h_glob, rng) -> CJSAction:
+        stage_idx = self._pick(self.net.stage_logits(obs, h, h_dag, h_glob), self.stage_t, rng)
         job_idx = int(obs.node_job[obs.runnable[stage_idx]])
-        limit = self._pick(self.net.exec_logits(obs, job_idx, h_dag, h_glob), self.limit_t)
+        limit = self._pick(self.net.exec_logits(obs, job_idx, h_dag, h_glob), self.limit_t, rng)
         return CJSAction(int(stage_idx), limit + 1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,7 +83,8 @@ def _task_commands():
     root = typer.main.get_command(build_app())
     for task in tasks().values():
         for group, cls in (("adapt", task.AdaptOptions), ("eval", task.EvalOptions),
-                           ("collect", task.CollectOptions), ("bench", task.BenchOptions)):
+                           ("collect", task.CollectOptions), ("bench", task.BenchOptions),
+                           ("finetune", task.FinetuneOptions)):
             if cls is not None:
                 yield group, task, cls, root.commands[group].commands[task.name]
 
@@ -156,7 +158,7 @@ BAD_TEXT = {
     "pool_videos": "no-such-video", "seeds": "x", "pool_seeds": "3-1", "behaviour": "no-such-policy",
     "baselines": "no-such-policy", "policies": "no-such-policy", "controls": "no-such-control",
     "settings": "default,no-such-setting", "decode": "greedy", "unseen_by": "no-such-traces",
-    "train_seeds": "1-x", "augment": "flip",
+    "train_seeds": "1-x", "augment": "flip", "adapter": "/no/such/adapter", "valid_seeds": "1-x",
 }
 # what an eval / collect needs besides the option under test
 POLICY = {"abr": "bba", "cjs": "fifo", "vp": "no-motion"}
@@ -198,7 +200,7 @@ def test_every_bad_option_is_one_line_exit_2_before_any_work(group, task_name, f
 
     monkeypatch.setenv("NETLLM_DATA", str(real_data))
     task = get_task(task_name)
-    for method in ("evaluate", "adapt", "collect", "bench"):
+    for method in ("evaluate", "adapt", "collect", "bench", "finetune"):
         monkeypatch.setattr(task, method, lambda *a, **k: pytest.fail(f"work started despite {field}={value!r}"))
     out = tmp_path / "run"
     args = [group, task_name, option_name(field), value, "--out", str(out)]
@@ -208,6 +210,12 @@ def test_every_bad_option_is_one_line_exit_2_before_any_work(group, task_name, f
         pool = tmp_path / "pool.npz"
         pool.write_bytes(b"")
         args += ["--pool", str(pool)] if task_name != "vp" else []
+    if group == "finetune" and field != "adapter":  # a CJS adapter's config is all its checks read
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text(json.dumps(
+            {"task": task_name, "llm": "smollm2", "encoders": [], "heads": {}, "lora": {}, "rl": {"context_steps": 4}}))
+        args += ["--adapter", str(adapter)]
     with pytest.raises(SystemExit) as stop:
         main(args)
     err = capsys.readouterr().err.strip().splitlines()

@@ -195,3 +195,25 @@ def test_best_adapter_survives_resume(tiny_llama, tmp_path):
     assert keeper.best == {"mae": 4.0, "step": 6}
     config = _strict_json((tmp_path / "other" / "adapter_config.json").read_text())
     assert config["extra"]["best"] == {"mae": 4.0, "step": 6}
+
+
+def test_merged_lora_is_the_same_function_and_cannot_be_saved(tiny_llama, tmp_path):
+    """Inference folds LoRA into the frozen weights: same outputs, fewer matmuls."""
+    model = NetLLM(vp_like_config(tiny_llama), device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    model.save_adapter(tmp_path / "a")
+    x = {"history": torch.randn(3, 10, 3), "speed": torch.randn(3, 1, 2)}
+    with torch.no_grad():
+        before = model(x)["future"]
+        merged = NetLLM.from_adapter(tmp_path / "a", merge=True)
+        after = merged(x)["future"]
+    assert merged.backbone.merged
+    assert not torch.equal(before, torch.zeros_like(before))
+    assert torch.allclose(before, after, atol=1e-5)
+    with pytest.raises(NetLLMError, match="merged"):
+        merged.save_adapter(tmp_path / "b")
+    assert not (tmp_path / "b").exists()

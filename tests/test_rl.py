@@ -140,7 +140,7 @@ def test_incremental_matches_full_recompute(tiny_llama):
         a = model.heads["action"](cached.decide(states))
         b = model.heads["action"](full.decide(states))
         worst = max(worst, (a - b).abs().max().item())
-        lengths.append(cached.cache_len)
+        lengths.append(cached.cache_len[0])
         action = a.argmax(-1)
         reward = torch.rand(2, generator=gen)
         cached.record(action, reward)
@@ -167,3 +167,48 @@ def test_incremental_first_decision_equals_training_window(tiny_llama):
         if k < 3:
             policy.record(batch.actions[:, k], float(batch.rtg[0, k] - batch.rtg[0, k + 1]))
     assert torch.allclose(hidden[0], ref, atol=1e-4)
+
+
+def test_batched_rows_equal_each_episode_alone(tiny_llama):
+    """Episodes that decide at different times (so their contexts differ in length and
+    they re-prime at different steps) get from one batched policy what each gets alone."""
+    torch.manual_seed(0)
+    model = make_model(tiny_llama)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.eval()
+    B = 3
+    targets = torch.tensor([3.0, 2.0, 4.0])
+    batched = IncrementalPolicy(model, target=targets, batch_size=B)
+    alone = [IncrementalPolicy(model, target=float(targets[i])) for i in range(B)]
+    gen = torch.Generator().manual_seed(1)
+    worst, calls = 0.0, 0
+    for rnd in range(14):
+        rows = [r for r in range(B) if (rnd + r) % (r + 2) != 0]  # each row skips on its own rhythm
+        states = {"throughput": torch.rand(len(rows), 6, generator=gen), "buffer": torch.rand(len(rows), 1, generator=gen)}
+        hidden = batched.decide(states, rows=rows)
+        action = model.heads["action"](hidden).argmax(-1)
+        reward = torch.rand(len(rows), generator=gen)
+        batched.record(action, reward, rows=rows)
+        for j, r in enumerate(rows):
+            one = alone[r].decide({k: v[j:j + 1] for k, v in states.items()})
+            worst = max(worst, (one[0] - hidden[j]).abs().max().item())
+            alone[r].record(action[j:j + 1], reward[j:j + 1])
+        calls += 1
+    assert worst < 1e-4
+    assert len(set(batched.cache_len)) > 1  # the rows did drift apart
+    assert batched.calls < sum(p.calls for p in alone)  # and shared LLM calls
+    with pytest.raises(NetLLMError, match="rows"):
+        batched.decide({"throughput": torch.rand(1, 6), "buffer": torch.rand(1, 1)}, rows=[B])
+
+
+def test_decision_latency_measurement_runs_batched(tiny_llama):
+    """``netllm bench foundation``'s decision measurement, batch 2 (values are timings: not asserted)."""
+    from netllm.bench import measure_decisions
+
+    r = measure_decisions(tiny_llama, "cpu", None, context=4, repeats=1, episode_steps=9, batch=2)
+    assert r["batch"] == 2 and r["context_steps"] == 4
+    assert all(r[k] > 0 for k in ("incremental_ms", "full_recompute_ms", "cached_step_ms"))
+    assert r["per_env_incremental_ms"] == pytest.approx(r["incremental_ms"] / 2)

@@ -133,6 +133,7 @@ class Backbone(nn.Module):
         self._takes_position_ids = "position_ids" in params
         # transformers 5.x renamed ``past_key_values`` to ``cache``
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.merged = False  # LoRA folded into the weights (inference only)
 
     def train(self, mode: bool = True) -> "Backbone":
         """Only LoRA's own dropout follows ``mode``; the frozen LLM stays in eval."""
@@ -207,6 +208,17 @@ class Backbone(nn.Module):
         total = sum(p.numel() for p in self.llm.parameters())
         return trainable, total
 
+    def merge_lora(self) -> None:
+        """Fold the LoRA matrices into the frozen weights: the same function with two
+        fewer small matmuls per adapted projection (inference). A merged backbone can no
+        longer be trained or saved."""
+        if self.merged or self.trains_in_full or not self.lora or self.lora.rank == 0:
+            return
+        self.llm.merge_adapter()
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        self.merged = True
+
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The LoRA weights in peft's key format (empty without LoRA); for the
         from-scratch transformer, all of its weights."""
@@ -214,6 +226,8 @@ class Backbone(nn.Module):
             return {k: v.detach().cpu().contiguous() for k, v in self.llm.state_dict().items()}
         if not self.lora or self.lora.rank == 0:
             return {}
+        if self.merged:
+            raise NetLLMError("this backbone's LoRA is merged into its weights for inference; it cannot be saved")
         from peft import get_peft_model_state_dict
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.llm).items()}
@@ -252,6 +266,46 @@ class Backbone(nn.Module):
             pad_token_id=self.tokenizer.eos_token_id,
         )
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+RowCache = list  # one row's key/value cache: per layer (keys, values), each (1, heads, length, head_dim)
+
+
+def split_cache(cache: Any) -> list[RowCache]:
+    """The rows of a batched key/value cache (a transformers ``DynamicCache`` or the
+    legacy tuple of (keys, values) per layer), each a view of its row."""
+    if hasattr(cache, "layers"):
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
+    else:
+        layers = [(k, v) for k, v, *_ in cache]
+    batch = layers[0][0].shape[0]
+    return [[(k[i:i + 1], v[i:i + 1]) for k, v in layers] for i in range(batch)]
+
+
+def join_cache(rows: list[RowCache], lengths: list[int]) -> tuple[Any, torch.Tensor]:
+    """One cache for a batch of rows of different lengths, left-padded with zeros to
+    the longest: (DynamicCache, attention mask (B, longest) with 0 on the padding)."""
+    from transformers import DynamicCache
+
+    longest = max(lengths)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long, device=rows[0][0][0].device)
+    for i, n in enumerate(lengths):
+        mask[i, longest - n:] = 1
+    layers = []
+    for layer in range(len(rows[0])):
+        joined = []
+        for part in (0, 1):
+            # a row's view may carry the padding of an earlier call: its last n positions are its own
+            own = [r[layer][part][:, :, r[layer][part].shape[2] - n:] for r, n in zip(rows, lengths)]
+            if all(n == longest for n in lengths):
+                joined.append(torch.cat(own, dim=0))
+                continue
+            out = own[0].new_zeros((len(rows), own[0].shape[1], longest, own[0].shape[3]))
+            for i, (x, n) in enumerate(zip(own, lengths)):
+                out[i, :, longest - n:] = x[0]
+            joined.append(out)
+        layers.append(tuple(joined))
+    return DynamicCache(ddp_cache_data=layers), mask
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,10 @@ bench_app = typer.Typer(cls=TaskGroup, no_args_is_help=True,
 app.add_typer(collect_app, name="collect")
 app.add_typer(adapt_app, name="adapt")
 app.add_typer(eval_app, name="eval")
+finetune_app = typer.Typer(cls=TaskGroup, no_args_is_help=True,
+                           help="Fine-tune an offline adapter online in the task's simulator (PPO).")
 app.add_typer(bench_app, name="bench")
+app.add_typer(finetune_app, name="finetune")
 
 _COMMON = {
     "policy": (list[str], typer.Option(..., "--policy", help="Baseline name or run folder (repeatable).")),
@@ -280,6 +283,23 @@ def _register(task: Any) -> None:
         bench_app.command(name=name, help=f"Benchmark {name}: pool/data -> adaptation + controls -> "
                                           "evaluation against the baselines.")(
             _typed_command(task.BenchOptions, ("out", "device"), run_bench))
+
+
+    if task.FinetuneOptions is not None:
+        def run_finetune(common: dict[str, Any], options: Any) -> None:
+            from netllm.finetune import check_run_folder, describe
+            from netllm.utils import resolve_device
+
+            resolve_device(common["device"])
+            out = _out(common["out"], f"{name}-finetune")
+            check_run_folder(out, options, common["resume"])  # before anything is written
+            prepare_run_dir(out, {"command": f"finetune {name}", "resume": common["resume"], **options.to_dict()})
+            task.finetune(options, out, device=common["device"], resume=common["resume"])
+            console.print(describe(out))
+
+        finetune_app.command(name=name, help=f"Fine-tune an adapter online on {name} (PPO from the offline "
+                                             "policy, KL-penalised towards it).")(
+            _typed_command(task.FinetuneOptions, ("out", "device", "resume"), run_finetune))
 
 
 @bench_app.command("foundation")

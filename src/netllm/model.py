@@ -210,6 +210,9 @@ class NetLLM(nn.Module):
         ``NetLLMError`` before anything in ``folder`` is touched.
         """
         folder = Path(folder)
+        if self.backbone.merged:
+            raise NetLLMError(f"{folder}: this model's LoRA is merged into its weights for inference; "
+                              "it cannot be saved as an adapter")
         folder.mkdir(parents=True, exist_ok=True)
         config = {
             "format_version": FORMAT_VERSION,
@@ -237,8 +240,10 @@ class NetLLM(nn.Module):
         llm: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        merge: bool = False,
     ) -> "NetLLM":
-        """Rebuild a model from an adapter folder on top of its base LLM."""
+        """Rebuild a model from an adapter folder on top of its base LLM; ``merge`` folds
+        LoRA into the weights (an inference-only model: evaluation, serving)."""
         config_dict = read_adapter_config(folder)
         folder = Path(folder)
         if task is not None and config_dict["task"] != task:
@@ -266,6 +271,8 @@ class NetLLM(nn.Module):
             raise NetLLMError(f"{folder / MODULE_WEIGHTS}: modules do not match the config, e.g. {diff}")
         model.load_state_dict(module_state, strict=False)
         model.eval()
+        if merge:
+            model.backbone.merge_lora()
         return model
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netllm.backbone import join_cache, split_cache
 from netllm.utils import NetLLMError, atomic_path
 
 # --------------------------------------------------------------------------- pools
@@ -384,90 +385,157 @@ def target_return(pool: ExperiencePool, quantile: float = 0.9) -> float:
 
 
 class IncrementalPolicy:
-    """Return-conditioned decisions with the LLM's key/value cache kept between them.
+    """Return-conditioned decisions of B independent episodes, each with its own
+    key/value cache; the one decision path of every decision task (evaluation,
+    collection, fine-tuning), batch 1 included.
 
-    One decision runs the LLM only over the new tokens (the previous action, the new
-    return-to-go and state tokens). When the context would exceed K steps the cache is
-    rebuilt ("re-primed") from the last ``spec.keep_steps`` steps. Works for a batch of
-    B environments stepped in lock-step.
+    A decision runs the LLM only over the new tokens (the previous action, the new
+    return-to-go and state tokens). When an episode's context would exceed K steps its
+    cache is rebuilt ("re-primed") from its last ``spec.keep_steps`` steps. The rows
+    asked in one ``decide`` are grouped by what they feed (a cached step, or a whole
+    context of one length: first decision, re-prime, or ``use_cache=False``) and each
+    group is ONE batched LLM call; cached rows whose contexts differ in length are
+    left-padded in the attention only. So episodes may decide at different times
+    (``rows=``), and an episode's decisions do not depend on which others share the
+    batch.
 
         policy = IncrementalPolicy(model, target=pool_target, batch_size=B)
-        hidden = policy.decide(states)          # (B, H), states[name]: (B, ...)
+        hidden = policy.decide(states)              # (B, H), states[name]: (B, ...)
         action = model.heads["action"](hidden).argmax(-1)
         policy.record(action, reward)
+        hidden = policy.decide(states, rows=[0, 3]) # only episodes 0 and 3 decide
+        policy.record(actions, rewards, rows=[0, 3])
     """
 
-    def __init__(self, model: Any, target: float | torch.Tensor, batch_size: int = 1,
+    def __init__(self, model: Any, target: float | torch.Tensor | np.ndarray, batch_size: int = 1,
                  use_cache: bool = True) -> None:
         if model.config.rl is None:
             raise NetLLMError("the model has no return-conditioned policy (config.rl is None)")
+        if batch_size < 1:
+            raise NetLLMError(f"batch_size: must be >= 1, got {batch_size}")
         self.model, self.spec = model, model.config.rl
         self.batch_size = batch_size
         self.use_cache = use_cache  # False: recompute the whole context at every decision
         self.reset(target)
 
-    def reset(self, target: float | torch.Tensor) -> None:
+    def reset(self, target: float | torch.Tensor | np.ndarray) -> None:
+        """Start every episode afresh, conditioned on ``target`` (one value, or one per row)."""
         dev = self.model.device
-        self.rtg = torch.as_tensor(target, dtype=torch.float32, device=dev).expand(self.batch_size).clone()
-        self.rtg = self.rtg / self.spec.return_scale
-        self.t = 0
-        self.cache: Any = None
-        self.cache_len = 0
-        self.steps: list[dict[str, torch.Tensor]] = []  # context: step tokens (B, S+1, H) + action token
-        self.pending_action: torch.Tensor | None = None
+        rtg = torch.as_tensor(target, dtype=torch.float32, device=dev)
+        self.rtg = rtg.expand(self.batch_size).clone() / self.spec.return_scale
+        self.t = np.zeros(self.batch_size, dtype=np.int64)  # decisions recorded per episode
+        # per episode: its context (step tokens (S+1, H) + action token (H,)), the action
+        # token not yet appended, and its key/value cache with that cache's length
+        self.steps: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(self.batch_size)]
+        self.pending: list[torch.Tensor | None] = [None] * self.batch_size
+        self.cache: list[Any] = [None] * self.batch_size
+        self.cache_len = [0] * self.batch_size
+        self.calls = 0  # LLM calls so far (a benchmark reads it)
 
-    def _new_step_tokens(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
-        timesteps = torch.full((self.batch_size, 1), self.t, device=self.model.device)
-        states1 = {k: v.unsqueeze(1) for k, v in states.items()}
-        return step_tokens(self.model, states1, self.rtg[:, None], None, timesteps)[:, 0]
+    def _rows(self, rows: Sequence[int] | None) -> list[int]:
+        if rows is None:
+            return list(range(self.batch_size))
+        out = [int(r) for r in rows]
+        if any(not 0 <= r < self.batch_size for r in out) or len(set(out)) != len(out):
+            raise NetLLMError(f"IncrementalPolicy: rows must be distinct and in [0, {self.batch_size}), got {out}")
+        return out
 
-    def _action_token(self, action: torch.Tensor, t: int) -> torch.Tensor:
-        """Token of the action taken at step t (same value as in a training window)."""
+    def _action_token(self, action: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Tokens (n, H) of the actions taken at steps t (n,) (same values as in a training window)."""
         rl = self.model.rl_tokens
         if self.spec.action_kind == "discrete":
             a = rl.action_embed(action.long().clamp(0, self.spec.num_actions - 1))
         else:
             a = rl.action_embed(action.float())
-        time = rl.time_embed(torch.full((self.batch_size,), min(t, self.spec.max_timestep - 1),
-                                        device=self.model.device))
-        return rl.ln(a + time)
+        return rl.ln(a + rl.time_embed(t.clamp(max=self.spec.max_timestep - 1)))
 
     @torch.no_grad()
-    def decide(self, states: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Hidden state (B, H) at the last state token of the new step; ``states[name]``
-        is (B, *feature shape). Feed it to the task's head to get the action."""
-        if self.pending_action is None and self.steps:
-            raise NetLLMError("IncrementalPolicy: record() the previous action before deciding again")
-        new = self._new_step_tokens(states)  # (B, S+1, H)
-        if self.steps:
-            self.steps[-1]["action"] = self.pending_action
-        self.pending_action = None
-        if len(self.steps) >= self.spec.context_steps:
-            # re-prime: restart the context from the last keep_steps completed steps
-            self.steps = self.steps[-self.spec.keep_steps:]
-            self.cache, self.cache_len = None, 0
-        if self.cache is None or not self.use_cache:
-            feed = [torch.cat([s["tokens"], s["action"][:, None]], dim=1) for s in self.steps]
-            tokens = torch.cat(feed + [new], dim=1)
-            past, start = None, 0
-        else:  # only the previous action and the new step go through the LLM
-            tokens = torch.cat([self.steps[-1]["action"][:, None], new], dim=1)
-            past, start = self.cache, self.cache_len
-        total = start + tokens.shape[1]
-        mask = torch.ones(self.batch_size, total, dtype=torch.long, device=self.model.device)
-        positions = torch.arange(start, total, device=self.model.device).expand(self.batch_size, -1)
-        hidden, cache = self.model.hidden(
-            tokens, mask, position_ids=positions, past_key_values=past, use_cache=self.use_cache
-        )
+    def decide(self, states: dict[str, torch.Tensor], rows: Sequence[int] | None = None) -> torch.Tensor:
+        """Hidden states (n, H) at the last state token of the new step of each of ``rows``
+        (default: all); ``states[name]`` is (n, *feature shape) in the order of ``rows``.
+        Feed them to the task's head to get the actions."""
+        rows = self._rows(rows)
+        dev = self.model.device
+        if not rows:
+            return torch.zeros(0, self.model.hidden_size, device=dev)
+        t = torch.as_tensor(self.t[rows], device=dev)
+        new = step_tokens(self.model, {k: v.unsqueeze(1) for k, v in states.items()},
+                          self.rtg[rows][:, None], None, t[:, None])[:, 0]  # (n, S+1, H)
+        groups: dict[tuple[str, int], list[int]] = {}
+        for j, r in enumerate(rows):
+            steps = self.steps[r]
+            if steps:
+                if self.pending[r] is None:
+                    raise NetLLMError("IncrementalPolicy: record() the previous action before deciding again")
+                steps[-1]["action"] = self.pending[r]
+                self.pending[r] = None
+            if len(steps) >= self.spec.context_steps:
+                # re-prime: restart the context from the last keep_steps completed steps
+                del steps[:-self.spec.keep_steps]
+                self.cache[r], self.cache_len[r] = None, 0
+            if self.cache[r] is None or not self.use_cache:
+                groups.setdefault(("context", len(steps)), []).append(j)
+            else:
+                groups.setdefault(("cached", 0), []).append(j)
+        out = new.new_empty(len(rows), new.shape[-1])
+        for (kind, _), members in groups.items():
+            out[members] = self._run(kind, [rows[j] for j in members], new[members])
+        for j, r in enumerate(rows):
+            self.steps[r].append({"tokens": new[j]})
+        return out
+
+    def _run(self, kind: str, rows: list[int], new: torch.Tensor) -> torch.Tensor:
+        """One LLM call for a group of rows that feed the same number of tokens."""
+        dev = self.model.device
+        n = len(rows)
+        if kind == "context":  # the whole context from position 0
+            feed = [torch.cat([torch.cat([s["tokens"], s["action"][None]]) for s in self.steps[r]] + [new[i]])
+                    for i, r in enumerate(rows)]
+            tokens = torch.stack(feed)
+            past, starts = None, [0] * n
+            mask = torch.ones(n, tokens.shape[1], dtype=torch.long, device=dev)
+        else:  # the previous action and the new step, after each row's cache
+            tokens = torch.cat([torch.stack([self.steps[r][-1]["action"] for r in rows])[:, None], new], dim=1)
+            starts = [self.cache_len[r] for r in rows]
+            past, past_mask = join_cache([self.cache[r] for r in rows], starts)
+            mask = torch.cat([past_mask, torch.ones(n, tokens.shape[1], dtype=torch.long, device=dev)], dim=1)
+        length = tokens.shape[1]
+        positions = torch.stack([torch.arange(s, s + length, device=dev) for s in starts])
+        hidden, cache = self.model.hidden(tokens, mask, position_ids=positions, past_key_values=past,
+                                          use_cache=self.use_cache)
+        self.calls += 1
         if self.use_cache:
-            self.cache, self.cache_len = cache, total
-        self.steps.append({"tokens": new})
+            for r, row_cache, s in zip(rows, split_cache(cache), starts):
+                self.cache[r], self.cache_len[r] = row_cache, s + length
         return hidden[:, -1]
 
-    def record(self, action: torch.Tensor, reward: torch.Tensor | np.ndarray | float) -> None:
-        """The action taken at this step and the reward it earned (lowers the target)."""
-        action = torch.as_tensor(action, device=self.model.device)
-        self.pending_action = self._action_token(action.reshape(self.batch_size, *action.shape[1:]), self.t)
-        reward = torch.as_tensor(reward, dtype=torch.float32, device=self.model.device)
-        self.rtg = self.rtg - reward / self.spec.return_scale
-        self.t += 1
+    def record(self, action: torch.Tensor | np.ndarray, reward: torch.Tensor | np.ndarray | float,
+               rows: Sequence[int] | None = None) -> None:
+        """The actions taken at this step by ``rows`` (default: all) and the rewards they
+        earned (each lowers its episode's target)."""
+        rows = self._rows(rows)
+        dev = self.model.device
+        if not rows:
+            return
+        action = torch.as_tensor(action, device=dev).reshape(len(rows), *np.shape(action)[1:])
+        tokens = self._action_token(action, torch.as_tensor(self.t[rows], device=dev))
+        reward = torch.as_tensor(reward, dtype=torch.float32, device=dev).expand(len(rows))
+        index = torch.as_tensor(rows, dtype=torch.long, device=dev)
+        self.rtg[index] = self.rtg[index] - reward / self.spec.return_scale
+        for j, r in enumerate(rows):
+            if not self.steps[r]:
+                raise NetLLMError(f"IncrementalPolicy: record() for episode {r} before it decided")
+            self.pending[r] = tokens[j]
+            self.t[r] += 1
+
+    def finish(self, rows: Sequence[int]) -> None:
+        """Free the contexts and caches of episodes that ended."""
+        for r in self._rows(rows):
+            self.cache[r], self.cache_len[r], self.steps[r], self.pending[r] = None, 0, [], None
+
+    def restart(self, rows: Sequence[int], target: float) -> None:
+        """New episodes in ``rows``, conditioned on ``target``; the other rows go on."""
+        rows = self._rows(rows)
+        self.finish(rows)
+        self.rtg[torch.as_tensor(rows, dtype=torch.long)] = float(target) / self.spec.return_scale
+        self.t[rows] = 0

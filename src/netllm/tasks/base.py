@@ -108,6 +108,7 @@ class Task(ABC):
     EvalOptions: ClassVar[type[Options]] = NoOptions
     CollectOptions: ClassVar[type[Options] | None] = None  # decision tasks: netllm collect
     BenchOptions: ClassVar[type[Options] | None] = None  # netllm bench <task>
+    FinetuneOptions: ClassVar[type[Options] | None] = None  # decision tasks: netllm finetune (online RL)
 
     # -- data ---------------------------------------------------------------------------
 
@@ -163,6 +164,11 @@ class Task(ABC):
     def bench(self, options: Any, out: Path, device: str = "auto") -> dict[str, Any]:
         """The whole pipeline against the baselines; finished stages are reused."""
         raise NetLLMError(f"task {self.name!r} has no benchmark")
+
+    def finetune(self, options: Any, out: Path, device: str = "auto", resume: bool = False) -> Path:
+        """Decision tasks: online fine-tuning of an offline adapter in the simulator
+        (``netllm.finetune``); returns the adapter folder."""
+        raise NetLLMError(f"task {self.name!r} has no online fine-tuning")
 
     def demo(self, device: str = "auto") -> Any:
         """A small end-to-end run against the baselines (``has_demo``)."""

@@ -25,6 +25,7 @@ from netllm.tasks.base import Metrics, Task
 from netllm.options import Options, opt, split_list
 from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, train_variants)
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
+from netllm.finetune import FinetuneOptions, run_finetune
 from netllm.utils import NetLLMError, seed_everything
 
 console = Console()
@@ -135,7 +136,7 @@ class NetLLMABRPolicy:
     def from_adapter(cls, folder: str | Path, device: str = "auto", target: float | None = None,
                      sample: bool = False) -> "NetLLMABRPolicy":
         config = read_adapter_config(folder)
-        model = NetLLM.from_adapter(folder, task="abr", device=device)
+        model = NetLLM.from_adapter(folder, task="abr", device=device, merge=True)
         goal = target if target is not None else float(config.get("extra", {}).get("target_return", 40.0))
         return cls(model, goal, sample=sample, name=Path(folder).name)
 
@@ -403,6 +404,38 @@ class ABRBenchOptions(ABRRecipe):
 # ----------------------------------------------------------------------------- adaptation
 
 
+@dataclass
+class ABRFinetuneOptions(FinetuneOptions):
+    """``netllm finetune abr``: PPO in the simulator from an offline ABR adapter."""
+
+    envs: int = opt(32, "Traces of --traces played side by side per iteration.", min=1)
+    traces: str = opt("fcc-pool", f"Training trace set ({TRACE_HELP}).")
+    videos: str = opt("video1,video2", f"Videos, alternated by iteration ({VIDEO_HELP}).")
+    generated: int = opt(0, "Markov-chain traces generated afresh every iteration besides --envs (0: none).",
+                         min=0)
+    low_mbps: float = opt(0.2, "Lowest bandwidth of the generated traces.", min=0)
+    high_mbps: float = opt(20.0, "Highest bandwidth of the generated traces.", min=0)
+    valid_traces: str = opt("fcc-holdout", f"Validation trace set ({TRACE_HELP}).")
+    valid_video: str = opt("video1", f"Validation video ({VIDEO_HELP}).")
+
+    def check(self) -> None:
+        super().check()
+        try:
+            config = read_adapter_config(self.adapter)
+        except NetLLMError as err:
+            raise NetLLMError(f"--adapter: {err}") from None
+        if config.get("task") != "abr" or not config.get("rl"):
+            raise NetLLMError(f"--adapter {self.adapter}: an adapter of task {config.get('task')!r}"
+                              + ("" if config.get("rl") else " without a decision policy") + ", not an ABR policy")
+        check_traces(self.traces, "--traces")
+        check_traces(self.valid_traces, "--valid-traces")
+        check_videos(self.videos, "--videos")
+        check_videos(self.valid_video, "--valid-video")
+        if not 0 < self.low_mbps < self.high_mbps:
+            raise NetLLMError(f"--low-mbps / --high-mbps: need 0 < low < high, got {self.low_mbps} and "
+                              f"{self.high_mbps}")
+
+
 def adapt(pool: ExperiencePool, out: Path, recipe: ABRRecipe, *, device: str = "auto", resume: bool = False,
           eval_traces: Sequence[Any] | None = None, eval_video: Any = None, progress: bool = True) -> Path:
     """DD-LRNA for ABR: return-conditioned offline RL on the pool; returns the adapter folder.
@@ -440,6 +473,7 @@ class ABRTask(Task):
     EvalOptions = ABREvalOptions
     CollectOptions = ABRCollectOptions
     BenchOptions = ABRBenchOptions
+    FinetuneOptions = ABRFinetuneOptions
 
     def datasets(self) -> tuple[Any, ...]:
         from netllm.tasks.abr import datasets
@@ -527,6 +561,26 @@ class ABRTask(Task):
 
     def demo(self, device: str = "auto", out: Path = Path("runs/demo-abr")) -> dict[str, Metrics]:
         return run_demo(device=device, out=out)
+
+    def finetune(self, options: ABRFinetuneOptions, out: Path, device: str = "auto", resume: bool = False) -> Path:
+        """PPO from the offline adapter (``netllm.finetune``, hooks in ``online.py``) on the
+        training traces (+ generated ones); the best adapter on the validation traces goes
+        to ``out``."""
+        from netllm.tasks.abr.online import ABROnline
+        from netllm.tasks.abr.traces import load_traces, load_video
+
+        config = read_adapter_config(options.adapter)
+        extra = dict(config.get("extra") or {})
+        target = float(extra.get("target_return", 40.0))
+        model = NetLLM.from_adapter(options.adapter, task="abr", device=device)
+        ref = NetLLM.from_adapter(options.adapter, task="abr", device=device, merge=True)
+        hooks = ABROnline(target, load_traces(options.traces), [load_video(v) for v in split_list(options.videos,
+                          "--videos")], load_traces(options.valid_traces), load_video(options.valid_video),
+                          envs=options.envs, generated=options.generated, low_mbps=options.low_mbps,
+                          high_mbps=options.high_mbps)
+        extra["finetuned_from"] = str(options.adapter)
+        return run_finetune(model, ref, hooks, options, out, extra=extra, resume=resume,
+                            seeds_of=lambda it: [100_000 + options.seed * 1_000_000 + it])
 
     def bench(self, options: ABRBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """The whole pipeline: pool -> adaptation (+ controls) -> evaluation on fcc-test.

@@ -132,24 +132,45 @@ class DecimaScheduler:
         """Seed the sampler; pass ``rng=env.rng`` to share the simulator's stream (upstream)."""
         self.rng = rng if rng is not None else random.Random(seed)
 
-    def _choose(self, logits: torch.Tensor) -> int:
+    def _choose(self, logits: torch.Tensor, rng: random.Random | None = None) -> int:
         if self.greedy:
             return int(torch.argmax(logits))
         pi = torch.softmax(logits, 0).numpy()
-        return self.rng.choices(range(pi.size), pi)[0]
+        return (rng or self.rng).choices(range(pi.size), pi)[0]
 
     def act(self, obs: CJSObservation) -> CJSAction:
         if len(obs.runnable) == 0:
             return CJSAction(-1, int(obs.num_committable_execs))
         with torch_threads(self.num_threads), torch.inference_mode():
-            return self._act(obs)
+            return self._decide(obs, *self.net.encode(obs), self.rng)
 
-    def _act(self, obs: CJSObservation) -> CJSAction:
-        h, h_dag, h_glob = self.net.encode(obs)
-        stage_idx = self._choose(self.net.stage_logits(obs, h, h_dag, h_glob))
+    def _decide(self, obs: CJSObservation, h: torch.Tensor, h_dag: torch.Tensor, h_glob: torch.Tensor,
+                rng: random.Random) -> CJSAction:
+        stage_idx = self._choose(self.net.stage_logits(obs, h, h_dag, h_glob), rng)
         job_idx = int(obs.node_job[obs.runnable[stage_idx]])
-        limit = self._choose(self.net.exec_logits(obs, job_idx, h_dag, h_glob))
+        limit = self._choose(self.net.exec_logits(obs, job_idx, h_dag, h_glob), rng)
         return CJSAction(int(stage_idx), limit + 1)
+
+    # the batch protocol of ``vec.run_episodes``: many simulators, one GNN pass per round
+
+    def open(self, slots: int) -> None:
+        self.rngs: list[random.Random] = [random.Random() for _ in range(slots)]
+
+    def start(self, slot: int, seed: int | None, env: Any) -> None:
+        self.rngs[slot] = env.rng  # the simulator's stream, as run_episode(share_rng=True)
+
+    def act_batch(self, slots: list[int], observations: list[CJSObservation]) -> list[CJSAction]:
+        actions = [CJSAction(-1, int(o.num_committable_execs)) for o in observations]
+        deciding = [i for i, o in enumerate(observations) if len(o.runnable)]
+        if deciding:
+            with torch_threads(self.num_threads), torch.inference_mode():
+                embeddings = self.net.encode_batch([observations[i] for i in deciding])
+                for i, emb in zip(deciding, embeddings):
+                    actions[i] = self._decide(observations[i], *emb, self.rngs[slots[i]])
+        return actions
+
+    def end(self, slot: int) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------- registry

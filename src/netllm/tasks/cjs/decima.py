@@ -21,10 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from netllm.tasks.cjs.sim import NUM_DAG_FEATURES, NUM_NODE_FEATURES, CJSObservation
+from netllm.tasks.cjs.sim import NUM_DAG_FEATURES, NUM_NODE_FEATURES, CJSObservation, dag_layer_edge_masks
 from netllm.utils import NetLLMError
 
 
@@ -62,29 +63,60 @@ class DecimaNet(nn.Module):
 
     def encode(self, obs: CJSObservation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Node (N, d), DAG (J, d) and global (1, d) embeddings of one observation."""
-        enc = self.encoder["node_encoder"]
         x = torch.from_numpy(obs.node_features)
-        masks = obs.edge_masks
-        if masks.shape[0] == 0:
-            h = enc["mlp_prep"](x)
-        else:
-            edges = torch.from_numpy(obs.edge_links)
-            h_init = enc["mlp_prep"](x)
-            h = torch.zeros_like(h_init)
-            leaf = torch.ones(len(x), dtype=torch.bool)
-            leaf[edges[:, 0]] = False
-            h[leaf] = enc["mlp_update"](h_init[leaf])
-            for mask in masks[::-1]:  # deepest generation first: children tell parents
-                e = edges[torch.from_numpy(mask)]
-                parent, child = e[:, 0], e[:, 1]
-                agg = torch.zeros_like(h).index_add_(0, parent, enc["mlp_msg"](h[child]))
-                receivers = torch.unique(parent)
-                h[receivers] = h_init[receivers] + enc["mlp_update"](agg[receivers])
+        h = self._node_embeddings(x, obs.edge_links, obs.edge_masks)
         node_job = torch.from_numpy(obs.node_job)
         per_node = self.encoder["dag_encoder"]["mlp"](torch.cat([x, h], dim=1))
         h_dag = torch.zeros(obs.num_jobs, h.shape[1]).index_add_(0, node_job, per_node)
         h_glob = self.encoder["global_encoder"]["mlp"](h_dag).sum(0, keepdim=True)
         return h, h_dag, h_glob
+
+    def encode_batch(self, observations: list[CJSObservation]
+                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``encode`` of several observations (of independent simulators) in one pass: their
+        graphs side by side, message passing one topological generation at a time over all
+        of them (a graph's generations keep their order; graphs never exchange messages)."""
+        if len(observations) == 1:
+            return [self.encode(observations[0])]
+        nodes = [o.num_nodes for o in observations]
+        jobs = [o.num_jobs for o in observations]
+        node_off, job_off = np.cumsum([0, *nodes[:-1]]), np.cumsum([0, *jobs[:-1]])
+        x = torch.from_numpy(np.concatenate([o.node_features for o in observations]))
+        edges = np.concatenate([o.edge_links + off for o, off in zip(observations, node_off)])
+        # a graph without edges keeps its prepared embeddings (``encode``'s rule), even here
+        alone = torch.from_numpy(np.repeat([o.edge_masks.shape[0] == 0 for o in observations], nodes))
+        h = self._node_embeddings(x, edges, dag_layer_edge_masks(edges, int(sum(nodes))), alone)
+        node_job = torch.from_numpy(np.concatenate([o.node_job + off for o, off in zip(observations, job_off)]))
+        per_node = self.encoder["dag_encoder"]["mlp"](torch.cat([x, h], dim=1))
+        h_dag = torch.zeros(int(sum(jobs)), h.shape[1]).index_add_(0, node_job, per_node)
+        job_graph = torch.repeat_interleave(torch.arange(len(observations)), torch.tensor(jobs))
+        h_glob = torch.zeros(len(observations), h.shape[1]).index_add_(
+            0, job_graph, self.encoder["global_encoder"]["mlp"](h_dag))
+        return [(hh, hd, h_glob[i:i + 1]) for i, (hh, hd) in
+                enumerate(zip(h.split(nodes), h_dag.split(jobs)))]
+
+    def _node_embeddings(self, x: torch.Tensor, edge_links: np.ndarray, masks: np.ndarray,
+                         alone: torch.Tensor | None = None) -> torch.Tensor:
+        """Message passing; nodes marked ``alone`` (of a graph without edges) keep ``mlp_prep``."""
+        enc = self.encoder["node_encoder"]
+        if masks.shape[0] == 0:
+            return enc["mlp_prep"](x)
+        edges = torch.from_numpy(edge_links)
+        h_init = enc["mlp_prep"](x)
+        h = torch.zeros_like(h_init)
+        leaf = torch.ones(len(x), dtype=torch.bool)
+        leaf[edges[:, 0]] = False
+        if alone is not None:
+            h[alone] = h_init[alone]
+            leaf &= ~alone
+        h[leaf] = enc["mlp_update"](h_init[leaf])
+        for mask in masks[::-1]:  # deepest generation first: children tell parents
+            e = edges[torch.from_numpy(mask)]
+            parent, child = e[:, 0], e[:, 1]
+            agg = torch.zeros_like(h).index_add_(0, parent, enc["mlp_msg"](h[child]))
+            receivers = torch.unique(parent)
+            h[receivers] = h_init[receivers] + enc["mlp_update"](agg[receivers])
+        return h
 
     def stage_logits(self, obs: CJSObservation, h: torch.Tensor, h_dag: torch.Tensor,
                      h_glob: torch.Tensor) -> torch.Tensor:

@@ -67,8 +67,17 @@ class Features:
 
 def featurize(gnn: DecimaNet, obs: CJSObservation) -> Features:
     """Frozen GNN embeddings -> candidate features and the two state vectors."""
+    return featurize_batch(gnn, [obs])[0]
+
+
+def featurize_batch(gnn: DecimaNet, observations: list[CJSObservation]) -> list[Features]:
+    """``featurize`` of several observations, their graphs through the GNN in one pass."""
     with torch_threads(1), torch.inference_mode():
-        h, h_dag, h_glob = gnn.encode(obs)
+        embeddings = gnn.encode_batch(observations)
+    return [_features(obs, *emb) for obs, emb in zip(observations, embeddings)]
+
+
+def _features(obs: CJSObservation, h: torch.Tensor, h_dag: torch.Tensor, h_glob: torch.Tensor) -> Features:
     idx = obs.runnable
     jobs = obs.node_job[idx]
     cand = np.concatenate([obs.node_features[idx], h[idx].numpy(), h_dag[jobs].numpy()], axis=1)

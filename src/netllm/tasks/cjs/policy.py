@@ -46,7 +46,7 @@ from netllm.rl import (ExperiencePool, IncrementalPolicy, RLSpec, WindowBatch, W
 from netllm.tasks.cjs.baselines import EpisodeResult, make_scheduler, run_episode
 from netllm.tasks.cjs.decima import DecimaNet
 from netllm.tasks.cjs.features import (ACTION_DIM, CANDIDATE_DIM, FEATURE_VERSION, GLOBAL_DIM, POOLED_DIM,
-                                       Features, action_vector, exec_mask, featurize, load_gnn)
+                                       action_vector, exec_mask, featurize_batch, load_gnn)
 from netllm.tasks.cjs.pool import RETURN_SCALE, check_pool
 from netllm.tasks.cjs.sim import CJSAction, CJSConfig, CJSEnv, CJSObservation
 from netllm.utils import NetLLMError, seed_everything, torch_threads
@@ -192,9 +192,11 @@ def decode_temperature(decode: str) -> float:
 
 
 class NetLLMCJSPolicy:
-    """A trained adapter behind the schedulers' interface (``reset`` / ``act``), deciding
-    with the KV cache (``use_cache=False`` recomputes the whole context: a control).
-    The episode runner passes each reward to ``observe`` (it lowers the target return)."""
+    """A trained adapter behind the schedulers' interface (``reset`` / ``act``, one
+    episode) and the batch protocol of ``vec.run_episodes`` (many episodes, one LLM call
+    per round), deciding with the KV cache (``use_cache=False`` recomputes the whole
+    context: a control). The episode runner passes each reward to ``observe`` (it lowers
+    the target return). Batch 1 is the same path: ``reset`` opens one slot."""
 
     def __init__(self, model: NetLLM, target: float, gnn: DecimaNet, temperature: float = 0.0,
                  name: str = "netllm", use_cache: bool = True, num_threads: int | None = 1) -> None:
@@ -204,9 +206,10 @@ class NetLLMCJSPolicy:
         self.name, self.use_cache = name, use_cache
         self.classes = model.heads["executors"].num_classes
         self.inc: IncrementalPolicy | None = None
-        self.prev_action: torch.Tensor | None = None
-        self.reward_since = 0.0
-        self.rng = random.Random(0)
+        # called after every batch of decisions: (slots, features, conditioned rtg (scaled), actions);
+        # online fine-tuning records its rollouts with it
+        self.on_decisions: Any = None
+        self.open(1)
 
     @property
     def sample(self) -> bool:
@@ -221,57 +224,98 @@ class NetLLMCJSPolicy:
         if decode is None:
             decode = str(config.get("extra", {}).get("recipe", {}).get("decode", "argmax"))
         temperature = decode_temperature(decode)
-        model = NetLLM.from_adapter(folder, task="cjs", device=device)
+        model = NetLLM.from_adapter(folder, task="cjs", device=device, merge=True)
         goal = target if target is not None else config.get("extra", {}).get("target_return")
         if goal is None:
             raise NetLLMError(f"{folder}: adapter config has no target_return; pass target=")
         net = gnn if gnn is not None else load_gnn(config.get("norm", {}).get("gnn", "decima"))
         return cls(model, float(goal), net, temperature=temperature, name=Path(folder).name)
 
+    # ------------------------------------------------------------ the batch protocol
+
+    def open(self, slots: int) -> None:
+        """Room for ``slots`` concurrent episodes (their contexts, caches and streams)."""
+        self.inc = IncrementalPolicy(self.model, target=self.target, batch_size=slots, use_cache=self.use_cache)
+        self.prev_action: list[torch.Tensor | None] = [None] * slots
+        self.reward_since = [0.0] * slots
+        self.rngs = [random.Random(0) for _ in range(slots)]
+
+    def start(self, slot: int, seed: int | None, env: Any = None) -> None:
+        """A new episode in ``slot``; its own sampling stream (never the simulator's)."""
+        assert self.inc is not None
+        self.inc.restart([slot], self.target)
+        self.prev_action[slot], self.reward_since[slot] = None, 0.0
+        self.rngs[slot] = random.Random(seed)
+
+    def observe(self, reward: float, slot: int = 0) -> None:
+        self.reward_since[slot] += float(reward)
+
+    def end(self, slot: int) -> None:
+        assert self.inc is not None
+        self.inc.finish([slot])
+
+    def act_batch(self, slots: list[int], observations: list[CJSObservation]) -> list[CJSAction]:
+        """One decision per (slot, observation): the GNN over all their job DAGs in one pass,
+        one LLM call for all that have a stage to schedule (others: no decision)."""
+        actions = [CJSAction(-1, int(o.num_committable_execs)) for o in observations]
+        deciding = [i for i, o in enumerate(observations) if len(o.runnable)]
+        if deciding:
+            with torch_threads(self.num_threads), torch.no_grad():
+                picked = self._decide_batch([slots[i] for i in deciding], [observations[i] for i in deciding])
+            for i, action in zip(deciding, picked):
+                actions[i] = action
+        return actions
+
+    # ------------------------------------------------------------ one episode
+
     def reset(self, seed: int | None = None, rng: random.Random | None = None) -> None:
-        self.inc = IncrementalPolicy(self.model, target=self.target, batch_size=1, use_cache=self.use_cache)
-        self.prev_action, self.reward_since = None, 0.0
-        self.rng = random.Random(seed)  # own stream: sampling never perturbs the simulator
+        self.open(1)
+        self.start(0, seed)
 
-    def observe(self, reward: float) -> None:
-        self.reward_since += float(reward)
+    def act(self, obs: CJSObservation) -> CJSAction:
+        return self.act_batch([0], [obs])[0]
 
-    @torch.no_grad()
-    def decide(self, obs: CJSObservation) -> tuple[torch.Tensor, torch.Tensor, Features]:
-        """Hidden state (1, H) and stage logits (1, M) of this decision (records the previous one)."""
-        assert self.inc is not None, "reset() first"
-        f = featurize(self.gnn, obs)
-        if self.prev_action is not None:
-            self.inc.record(self.prev_action, torch.tensor([self.reward_since]))
-            self.reward_since = 0.0
-        hidden = self.inc.decide({"global": torch.from_numpy(f.glob)[None],
-                                  "pooled": torch.from_numpy(f.pooled)[None]})
-        cand = torch.from_numpy(f.candidates)[None]
-        stage_logits, _ = head_logits(self.model, hidden, cand, torch.ones(1, len(f.caps), dtype=torch.bool))
-        return hidden, stage_logits, f
+    # ------------------------------------------------------------ the decision
 
-    def _pick(self, logits: torch.Tensor) -> int:
+    def _pick(self, logits: torch.Tensor, rng: random.Random) -> int:
         if not self.sample:
             return int(logits.argmax(-1))
         probs = torch.softmax(logits.float().cpu() / self.temperature, -1).numpy()
-        return self.rng.choices(range(probs.size), probs)[0]
+        return rng.choices(range(probs.size), probs)[0]
 
-    def act(self, obs: CJSObservation) -> CJSAction:
-        if len(obs.runnable) == 0:
-            return CJSAction(-1, int(obs.num_committable_execs))
-        with torch_threads(self.num_threads), torch.no_grad():
-            return self._act(obs)
-
-    def _act(self, obs: CJSObservation) -> CJSAction:
-        hidden, stage_logits, f = self.decide(obs)
-        stage = self._pick(stage_logits[0])
-        chosen = torch.from_numpy(f.candidates[stage])[None]
-        cap = torch.tensor([int(f.caps[stage])], device=self.model.device)
-        exec_hidden = hidden + self.model.encoders("chosen", chosen.to(self.model.device))
-        exec_logits = self.model.heads["executors"](exec_hidden, exec_mask(cap, self.classes))
-        num_exec = self._pick(exec_logits[0]) + 1
-        self.prev_action = action_vector(chosen, torch.tensor([num_exec]), self.classes).to(self.model.device)
-        return CJSAction(stage, num_exec)
+    def _decide_batch(self, rows: list[int], observations: list[CJSObservation]) -> list[CJSAction]:
+        assert self.inc is not None, "open() first"
+        dev = self.model.device
+        feats = featurize_batch(self.gnn, observations)
+        recorded = [r for r in rows if self.prev_action[r] is not None]
+        if recorded:
+            self.inc.record(torch.cat([self.prev_action[r] for r in recorded]),
+                            torch.tensor([self.reward_since[r] for r in recorded]), rows=recorded)
+            for r in recorded:
+                self.reward_since[r] = 0.0
+        rtg = self.inc.rtg[rows].clone()
+        hidden = self.inc.decide({"global": torch.from_numpy(np.stack([f.glob for f in feats])),
+                                  "pooled": torch.from_numpy(np.stack([f.pooled for f in feats]))}, rows=rows)
+        counts = [len(f.caps) for f in feats]
+        cand = torch.zeros(len(feats), max(counts), CANDIDATE_DIM)
+        mask = torch.zeros(len(feats), max(counts), dtype=torch.bool)
+        for i, f in enumerate(feats):
+            cand[i, :counts[i]] = torch.from_numpy(f.candidates)
+            mask[i, :counts[i]] = True
+        stage_logits, _ = head_logits(self.model, hidden, cand, mask)
+        stages = [self._pick(stage_logits[i, :counts[i]], self.rngs[r]) for i, r in enumerate(rows)]
+        chosen = torch.stack([cand[i, s] for i, s in enumerate(stages)])
+        caps = torch.tensor([int(f.caps[s]) for f, s in zip(feats, stages)], device=dev)
+        exec_hidden = hidden + self.model.encoders("chosen", chosen.to(dev))
+        exec_logits = self.model.heads["executors"](exec_hidden, exec_mask(caps, self.classes))
+        limits = [self._pick(exec_logits[i], self.rngs[r]) + 1 for i, r in enumerate(rows)]
+        vectors = action_vector(chosen, torch.tensor(limits), self.classes).to(dev)
+        for i, r in enumerate(rows):
+            self.prev_action[r] = vectors[i:i + 1]
+        actions = [CJSAction(s, n) for s, n in zip(stages, limits)]
+        if self.on_decisions is not None:
+            self.on_decisions(rows, feats, rtg.cpu().numpy(), actions)
+        return actions
 
 
 def run_netllm_episode(env: CJSEnv, policy: Any, seed: int | None = None, max_decisions: int | None = None

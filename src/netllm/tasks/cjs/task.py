@@ -38,40 +38,35 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from netllm.model import ADAPTER_CONFIG, NetLLMConfig
+from netllm.finetune import FinetuneOptions, run_finetune
+from netllm.model import ADAPTER_CONFIG, NetLLMConfig, read_adapter_config
 from netllm.options import Options, opt, split_list
 from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, train_variants
 from netllm.results import combine_train_seeds, comparisons, print_comparisons, write_results
 from netllm.tasks.base import Metrics, Task
-from netllm.tasks.cjs.baselines import SCHEDULERS, run_episode
+from netllm.tasks.cjs.baselines import SCHEDULERS
 from netllm.tasks.cjs.policy import (DECODE_HELP, CJSRecipe, NetLLMCJSPolicy, adapt, decode_temperature, model_config,
-                                     recipe_of, run_netllm_episode, speed_report)
+                                     recipe_of, speed_report)
 from netllm.tasks.cjs.pool import collect_pool, load_pool, load_pools, make_baseline, pool_options
-from netllm.tasks.cjs.sim import CJSConfig, CJSEnv
+from netllm.tasks.cjs.sim import CJSConfig
+from netllm.tasks.cjs.vec import run_episodes
 from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 
 console = Console()
 
 
-def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig()) -> Metrics:
-    """One episode per seed; per-seed average JCT (s), one row per job."""
-    per_seed: dict[int, float] = {}
-    rows: list[dict[str, Any]] = []
-    events, wall, decisions = 0, 0.0, 0
-    for seed in seeds:
-        env = CJSEnv.from_config(config)
-        if isinstance(policy, NetLLMCJSPolicy):  # return-conditioned: it needs the rewards
-            result = run_netllm_episode(env, policy, seed=seed)
-        else:
-            result = run_episode(env, policy, seed=seed)
-        per_seed[seed] = result.avg_jct_s
-        events += result.num_events
-        decisions += result.num_decisions
-        wall += result.wall_s
-        rows.extend({"seed": seed, **r.as_dict()} for r in result.records)
-    parts = {"events_per_s": events / wall if wall else float("nan"),
-             "decisions_per_episode": decisions / len(seeds)}
-    return Metrics("jct_s", False, per_seed, parts=parts, rows=rows)
+def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig(), envs: int | None = None) -> Metrics:
+    """One episode per seed, ``envs`` simulators side by side (default: every seed at
+    once) with their decisions batched (``vec.run_episodes``); per-seed average JCT (s),
+    one row per job."""
+    t0 = time.perf_counter()
+    played = run_episodes(policy, seeds, config, envs=envs)
+    wall = time.perf_counter() - t0
+    rows = [{"seed": r.seed, **job.as_dict()} for r in played for job in r.records]
+    parts = {"events_per_s": sum(r.num_events for r in played) / wall if wall else float("nan"),
+             "decisions_per_episode": sum(r.num_decisions for r in played) / len(seeds),
+             "wall_s": wall}
+    return Metrics("jct_s", False, {r.seed: r.avg_jct_s for r in played}, parts=parts, rows=rows)
 
 
 # ----------------------------------------------------------------------------- options
@@ -101,6 +96,9 @@ class CJSSetting(Options):
 @dataclass
 class CJSEvalOptions(CJSSetting):
     """``netllm eval cjs``: one episode per seed on this setting."""
+
+    envs: int | None = opt(None, "Simulators run side by side, their decisions batched into one call per round "
+                                 "(default: one per seed, all at once; 1: one at a time).", min=1)
 
 
 @dataclass
@@ -174,6 +172,30 @@ class CJSBenchOptions(CJSRecipe):
         pool_options(self.keep, self.draws, self.segment)
 
 
+@dataclass
+class CJSFinetuneOptions(FinetuneOptions):
+    """``netllm finetune cjs``: PPO in the simulator from an offline CJS adapter."""
+
+    jobs: int = opt(50, "Jobs per training episode (shorter than evaluation's 200: more iterations).", min=1)
+    executors: int = opt(50, "Executors of the cluster.", min=1)
+    valid_seeds: str = opt("1001-1010", "Validation job sequences (never the test seeds 1-10).")
+    valid_jobs: int = opt(100, "Jobs per validation episode.", min=1)
+
+    def check(self) -> None:
+        super().check()
+        try:
+            config = read_adapter_config(self.adapter)
+        except NetLLMError as err:
+            raise NetLLMError(f"--adapter: {err}") from None
+        if config.get("task") != "cjs" or not config.get("rl"):
+            raise NetLLMError(f"--adapter {self.adapter}: an adapter of task {config.get('task')!r}"
+                              + ("" if config.get("rl") else " without a decision policy") + ", not a CJS policy")
+        valid = set(parse_seeds(self.valid_seeds, "--valid-seeds"))
+        if valid & set(range(1, 11)):
+            raise NetLLMError(f"--valid-seeds: {sorted(valid & set(range(1, 11)))} are test seeds; validate on "
+                              "sequences of their own")
+
+
 # ----------------------------------------------------------------------------- the task
 
 
@@ -188,6 +210,7 @@ class CJSTask(Task):
     EvalOptions = CJSEvalOptions
     CollectOptions = CJSCollectOptions
     BenchOptions = CJSBenchOptions
+    FinetuneOptions = CJSFinetuneOptions
 
     def datasets(self) -> tuple[Any, ...]:
         from netllm.tasks.cjs import datasets
@@ -230,7 +253,7 @@ class CJSTask(Task):
         results: dict[str, Metrics] = {}
         for name, policy in policies.items():
             t0 = time.perf_counter()
-            results[name] = evaluate(policy, seeds, config)
+            results[name] = evaluate(policy, seeds, config, envs=getattr(options, "envs", None))
             console.print(f"{name}: {time.perf_counter() - t0:.1f} s, "
                           f"{results[name].parts['events_per_s']:,.0f} simulated events/s")
         write_results(out, results, parts=("events_per_s", "decisions_per_episode"), cdf_key="jct_s",
@@ -254,6 +277,33 @@ class CJSTask(Task):
     def adapt(self, out: Path, recipe: CJSAdaptOptions, device: str = "auto", resume: bool = False) -> Path:
         """DD-LRNA on one or more CJS pools (``--pool A --pool B``)."""
         return adapt(load_pools(recipe.pool), out, recipe_of(recipe), device=device, resume=resume)
+
+    def finetune(self, options: CJSFinetuneOptions, out: Path, device: str = "auto", resume: bool = False) -> Path:
+        """PPO from the offline adapter (``netllm.finetune``, hooks in ``online.py``); the
+        best adapter on the validation job sequences goes to ``out``."""
+        from netllm.model import NetLLM
+        from netllm.tasks.cjs.features import load_gnn
+        from netllm.tasks.cjs.jobs import load_all
+        from netllm.tasks.cjs.online import CJSOnline
+
+        config = read_adapter_config(options.adapter)
+        extra = dict(config.get("extra") or {})
+        if extra.get("target_return") is None:
+            raise NetLLMError(f"--adapter {options.adapter}: its config has no target_return")
+        load_all()
+        model = NetLLM.from_adapter(options.adapter, task="cjs", device=device)
+        ref = NetLLM.from_adapter(options.adapter, task="cjs", device=device, merge=True)
+        hooks = CJSOnline(load_gnn(config.get("norm", {}).get("gnn", "decima")), float(extra["target_return"]),
+                          CJSConfig(num_jobs=options.jobs, num_executors=options.executors),
+                          CJSConfig(num_jobs=options.valid_jobs, num_executors=options.executors),
+                          parse_seeds(options.valid_seeds, "--valid-seeds"))
+        base = 100_000 + options.seed * 1_000_000  # training job sequences: no test, validation or pool one
+
+        def seeds_of(it: int) -> list[int]:
+            return [base + (it - 1) * options.envs + j for j in range(options.envs)]
+
+        extra["finetuned_from"] = str(options.adapter)
+        return run_finetune(model, ref, hooks, options, out, seeds_of=seeds_of, extra=extra, resume=resume)
 
     def bench(self, options: CJSBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the

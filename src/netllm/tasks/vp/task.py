@@ -135,7 +135,7 @@ class NetLLMVPPolicy:
 
     @classmethod
     def from_adapter(cls, folder: str | Path, device: str = "auto") -> "NetLLMVPPolicy":
-        return cls(NetLLM.from_adapter(folder, task="vp", device=device), name=Path(folder).name)
+        return cls(NetLLM.from_adapter(folder, task="vp", device=device, merge=True), name=Path(folder).name)
 
     @torch.no_grad()
     def predict(self, history: np.ndarray, frames: np.ndarray | None = None) -> np.ndarray:

@@ -1,0 +1,387 @@
+"""Online fine-tuning of an offline-adapted decision policy in its simulator: PPO.
+
+    netllm finetune cjs --adapter runs/cjs-d48 --out runs/cjs-ppo --iterations 50 --envs 8
+
+Offline RL copies the policies that logged the pool; a learning signal from the
+environment is what can take a policy past them. Each iteration
+
+1. **rolls out** the current policy (sampling, as it is decoded) in ``envs`` simulators at
+   once through the batched, KV-cached decision path (``rl.IncrementalPolicy``), recording
+   every decision as a pool row together with the return-to-go it was conditioned on;
+2. cuts each episode into consecutive K-step **tiles** (the windows of offline training:
+   the hidden state of a step sees the earlier steps of its tile), and computes, without
+   gradients, the log-probability of every taken action under the rollout weights
+   (``old``), under the frozen offline policy (``ref``) and the value estimate;
+3. takes **PPO** steps over the tiles: clipped policy ratio on GAE advantages, a value
+   head on the LLM's hidden state (``heads["value"]``, saved with the adapter), an
+   entropy bonus and a KL penalty towards the offline policy (the k3 estimator) so it
+   does not forget what it imitated;
+4. **validates** on seeds that are neither training nor test seeds and keeps the best
+   adapter (``model.BestAdapter``), in the adapter format ``eval`` loads unchanged;
+5. writes a checkpoint (atomically, ``checkpoint.py``), a row of ``metrics.csv``,
+   TensorBoard scalars and the learning-curve PNG.
+
+Everything an iteration draws is seeded by (seed, iteration) — rollout seeds, sampling
+streams, minibatch order, LoRA dropout — so ``--resume`` continues exactly where an
+interrupted run stopped. A task plugs in with three hooks (``OnlineHooks``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+
+from netllm.checkpoint import new_trainer_state, resume_checkpoint, save_checkpoint, trainable_named_parameters
+from netllm.heads import HeadSpec, build_head
+from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM
+from netllm.options import Options, opt
+from netllm.rl import ExperiencePool
+from netllm.utils import NetLLMError, atomic_path
+
+VALUE_HEAD = "value"
+
+
+@dataclass
+class FinetuneOptions(Options):
+    """PPO from an offline adapter; every field is a ``netllm finetune`` option."""
+
+    adapter: str = opt("", "The offline-adapted policy to start from (an adapter folder of this task).")
+    iterations: int = opt(20, "PPO iterations (rollouts + updates).", min=1)
+    envs: int = opt(8, "Simulators rolled out side by side per iteration (one episode each).", min=1)
+    lr: float = opt(1e-5, "Learning rate (AdamW) of LoRA, encoders and heads.", min=0)
+    epochs: int = opt(2, "Passes over an iteration's rollout.", min=1)
+    batch_size: int = opt(8, "Tiles (K-step windows) per optimizer step.", min=1)
+    clip: float = opt(0.2, "PPO's clip range of the policy ratio.", min=0)
+    gamma: float = opt(1.0, "Discount of the rewards.", min=0, max=1)
+    gae_lambda: float = opt(0.95, "GAE's lambda.", min=0, max=1)
+    value_coef: float = opt(0.5, "Weight of the value loss.", min=0)
+    entropy_coef: float = opt(0.01, "Weight of the entropy bonus.", min=0)
+    kl_coef: float = opt(0.1, "Weight of the KL penalty towards the offline policy.", min=0)
+    max_grad_norm: float = opt(1.0, "Gradient clipping (global norm).", min=0)
+    valid_every: int = opt(1, "Validate every N iterations and keep the best adapter.", min=1)
+    seed: int = opt(0, "Seed of rollouts, sampling and minibatch order.", min=0)
+
+    def check(self) -> None:
+        super().check()
+        if not self.adapter:
+            raise NetLLMError("--adapter: fine-tuning starts from an offline adapter (netllm adapt ...)")
+        if not (Path(self.adapter) / ADAPTER_CONFIG).is_file():
+            raise NetLLMError(f"--adapter {self.adapter}: not an adapter folder (no {ADAPTER_CONFIG})")
+
+
+@dataclass
+class Rollout:
+    """An iteration's decisions as a pool (one episode per simulator) plus the scaled
+    return-to-go each decision was conditioned on and what the task reports about it."""
+
+    pool: ExperiencePool
+    rtg: np.ndarray  # (N,) float32, already divided by the policy's return scale
+    stats: dict[str, float]
+    cache: dict[str, Any] = field(default_factory=dict)  # the task's per-rollout helpers (window samplers)
+
+
+class OnlineHooks(Protocol):
+    """What a task supplies to fine-tune its policy online."""
+
+    metric: str  # the validation metric (e.g. jct_s)
+    higher_is_better: bool
+
+    def rollout(self, model: NetLLM, seeds: list[int]) -> Rollout:
+        """One sampled episode per seed, all at once (batched decisions)."""
+        ...
+
+    def log_probs(self, model: NetLLM, rollout: Rollout, end_rows: np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For K-step windows ending at ``end_rows``: log-probability (B, K) and entropy
+        (B, K) of the logged actions, the hidden states (B, K, H) and the mask of real steps."""
+        ...
+
+    def validate(self, model: NetLLM) -> float:
+        ...
+
+
+# ----------------------------------------------------------------------------- the algorithm
+
+
+def tiles(pool: ExperiencePool, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Consecutive K-step windows covering every step once: (end rows (T,), score mask
+    (T, K)); a window scores the steps its predecessor did not (the last one of an
+    episode may look back into the previous window for context only)."""
+    ends, masks = [], []
+    for start, end in zip(*pool.episode_bounds):
+        prev = start - 1
+        for e in list(range(start + k - 1, end - 1, k)) + [end - 1]:
+            if e <= prev:
+                continue
+            window_rows = np.arange(e - k + 1, e + 1)
+            ends.append(e)
+            masks.append(window_rows > prev)
+            prev = e
+    return np.array(ends, dtype=np.int64), np.array(masks, dtype=bool)
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, gamma: float, lam: float
+        ) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimates and the value targets (advantage + value); an
+    episode's last step (done) bootstraps from 0."""
+    adv = np.zeros(len(rewards), dtype=np.float64)
+    running = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        next_value = 0.0 if dones[i] else values[i + 1]
+        if dones[i]:
+            running = 0.0
+        delta = rewards[i] + gamma * next_value - values[i]
+        running = delta + gamma * lam * running
+        adv[i] = running
+    return adv.astype(np.float32), (adv + values).astype(np.float32)
+
+
+def ensure_value_head(model: NetLLM, seed: int = 0) -> None:
+    """A value head on the hidden state (saved with the adapter; eval ignores it),
+    initialised from ``seed`` alone."""
+    if VALUE_HEAD in model.heads:
+        return
+    spec = HeadSpec("regression", steps=1, dims=1)
+    model.config.heads[VALUE_HEAD] = spec
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model.heads[VALUE_HEAD] = build_head(spec, model.hidden_size).to(model.device)
+
+
+def _value(model: NetLLM, hidden: torch.Tensor) -> torch.Tensor:
+    return model.heads[VALUE_HEAD](hidden)[..., 0, 0]
+
+
+def _scatter(rows: np.ndarray, mask: np.ndarray, values: torch.Tensor, n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.float32)
+    out[rows[mask]] = values.detach().cpu().numpy()[mask]
+    return out
+
+
+def _window_rows(ends: np.ndarray, k: int) -> np.ndarray:
+    return ends[:, None] + np.arange(-k + 1, 1)[None, :]
+
+
+def run_config(options: FinetuneOptions) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one (all but ``iterations``)."""
+    config = {"grad_accum": 1, **asdict(options), "adapter": str(Path(options.adapter).resolve())}
+    config.pop("iterations")
+    return config
+
+
+def check_run_folder(out: Path, options: FinetuneOptions, resume: bool) -> None:
+    """Before anything is written: a folder that holds another run's checkpoint is refused."""
+    state_file = Path(out) / "train" / "checkpoint" / "trainer_state.json"
+    if not state_file.is_file():
+        return
+    if not resume:
+        raise NetLLMError(f"--out {out}: holds a run already; --resume it or choose another folder")
+    try:
+        stored = json.loads(state_file.read_text()).get("config", {})
+    except (OSError, ValueError):
+        raise NetLLMError(f"--resume: {state_file} is unreadable") from None
+    stored = {k: v for k, v in stored.items() if k != "iterations"}
+    want = run_config(options)
+    if stored != want:
+        diff = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
+        raise NetLLMError(f"--resume: {out} holds another run (it differs in {', '.join(diff[:5])})")
+
+
+def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: FinetuneOptions, out: Path, *,
+                 seeds_of: Callable[[int], list[int]], extra: dict[str, Any], resume: bool = False,
+                 progress: bool = True) -> Path:
+    """PPO iterations on ``model`` (the offline adapter, trainable), ``ref`` frozen; the
+    best-on-validation adapter goes to ``out``. ``seeds_of(i)`` gives iteration i's rollout seeds."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    out = Path(out)
+    ensure_value_head(model, options.seed)
+    k = model.config.rl.context_steps
+    check_run_folder(out, options, resume)
+    config = run_config(options)
+    names = [n for n, _ in trainable_named_parameters(model)]
+    params = [p for _, p in trainable_named_parameters(model)]
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=0.0)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    state = resume_checkpoint(out / "train", model, optimizer, names, grad_accum=1, resume=resume)
+    start = int(state["step"]) if state else 0
+    t0 = time.perf_counter()
+    keeper = BestAdapter(out, hooks.metric, hooks.higher_is_better, resume=resume,
+                         extra=lambda: {**extra, "finetune": {**asdict(options), "seconds": time.perf_counter() - t0}})
+    history = _read_history(out) if resume else []
+    history = [row for row in history if int(row["iteration"]) <= start]
+    writer = _tensorboard(out)
+    with Progress(TextColumn("[bold]finetune[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                  "{task.total}"), TimeRemainingColumn(), disable=not progress) as bar:
+        task_id = bar.add_task("", total=options.iterations, completed=start)
+        for it in range(start + 1, options.iterations + 1):
+            row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it))
+            if it % options.valid_every == 0 or it == options.iterations:
+                model.eval()
+                row[f"valid_{hooks.metric}"] = float(hooks.validate(model))
+                row["best"] = bool(keeper.update(model, row[f"valid_{hooks.metric}"], it))
+            row["wall_s"] = time.perf_counter() - t0
+            save_checkpoint(out / "train", model, optimizer,
+                            {**new_trainer_state(names, {**config, "iterations": options.iterations}),
+                             "step": it, "loss": row["loss"], "elapsed_s": row["wall_s"]})
+            history.append(row)
+            _write_history(out, history)
+            if writer is not None:
+                for key, value in row.items():
+                    if isinstance(value, (int, float)) and key != "iteration":
+                        writer.add_scalar(key, float(value), it)
+                writer.flush()
+            bar.update(task_id, advance=1, description=f"iteration {it}: " + ", ".join(
+                f"{key} {row[key]:.3g}" for key in row if key in ("return", hooks.metric, f"valid_{hooks.metric}")))
+    if writer is not None:
+        writer.close()
+    _plot(out, history, hooks.metric)
+    return keeper.finish(model)
+
+
+def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: FinetuneOptions, it: int, k: int,
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], seeds: list[int]
+               ) -> dict[str, Any]:
+    torch.manual_seed(options.seed * 1_000_003 + it)  # LoRA dropout, anything the update draws
+    t0 = time.perf_counter()
+    model.eval()
+    roll = hooks.rollout(model, seeds)
+    rollout_s = time.perf_counter() - t0
+    pool = roll.pool
+    ends, score = tiles(pool, k)
+    rows = _window_rows(ends, k)
+    n = len(pool)
+    old = np.zeros(n, dtype=np.float32)
+    ref_logp = np.zeros(n, dtype=np.float32)
+    values = np.zeros(n, dtype=np.float32)
+    with torch.no_grad():
+        for chunk in np.array_split(np.arange(len(ends)), max(1, math.ceil(len(ends) / 32))):
+            logp, _, hidden, real = hooks.log_probs(model, roll, ends[chunk])
+            m = score[chunk] & real.cpu().numpy()
+            old += _scatter(rows[chunk], m, logp, n)
+            values += _scatter(rows[chunk], m, _value(model, hidden), n)
+            rlogp, _, _, _ = hooks.log_probs(ref, roll, ends[chunk])
+            ref_logp += _scatter(rows[chunk], m, rlogp, n)
+    scale = float(model.config.rl.return_scale)
+    adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)
+    adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
+    dev = model.device
+    adv_t, target_t = torch.from_numpy(adv_n).to(dev), torch.from_numpy(target).to(dev)
+    old_t, ref_t = torch.from_numpy(old).to(dev), torch.from_numpy(ref_logp).to(dev)
+    rng = np.random.default_rng([options.seed, it])
+    # the update runs without dropout (eval mode): the ratio compares the policy that acted
+    # with the one being trained, not two dropout masks
+    sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "kl": 0.0,
+                              "clip_frac": 0.0}
+    steps = 0
+    for _ in range(options.epochs):
+        order = rng.permutation(len(ends))
+        for b in range(0, len(order), options.batch_size):
+            pick = order[b:b + options.batch_size]
+            logp, entropy, hidden, real = hooks.log_probs(model, roll, ends[pick])
+            m = torch.from_numpy(score[pick]).to(dev) & real
+            idx = torch.from_numpy(rows[pick]).to(dev)[m]
+            lp, ent, v = logp[m], entropy[m], _value(model, hidden)[m]
+            ratio = torch.exp(lp - old_t[idx])
+            a = adv_t[idx]
+            policy_loss = -torch.min(ratio * a, ratio.clamp(1 - options.clip, 1 + options.clip) * a).mean()
+            value_loss = (v - target_t[idx]).pow(2).mean()
+            log_ratio_ref = ref_t[idx] - lp
+            kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).mean()
+            loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * ent.mean() \
+                + options.kl_coef * kl
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if options.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
+                               ("entropy", ent.mean()), ("kl", kl),
+                               ("clip_frac", ((ratio - 1).abs() > options.clip).float().mean())):
+                sums[key] += float(value.item())
+    model.eval()
+    return {"iteration": it, **{key: v / max(steps, 1) for key, v in sums.items()},
+            "return": float(pool.episode_returns().mean() / scale), **roll.stats, "decisions": n,
+            "rollout_s": rollout_s, "iteration_s": time.perf_counter() - t0}
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _read_history(out: Path) -> list[dict[str, Any]]:
+    path = out / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _number(text: str) -> Any:
+    if text in ("True", "False"):
+        return text == "True"
+    try:
+        return float(text) if any(c in text for c in ".eEn") else int(text)
+    except ValueError:
+        return text
+
+
+def _write_history(out: Path, history: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with atomic_path(out / "metrics.csv") as tmp:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: the CSV and the PNG still record everything
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    its = [r["iteration"] for r in history]
+    axes[0].plot(its, [r.get(metric) for r in history], label=f"training rollouts ({metric})")
+    valid = [(r["iteration"], r[f"valid_{metric}"]) for r in history if r.get(f"valid_{metric}") not in (None, "")]
+    if valid:
+        axes[0].plot(*zip(*valid), marker="o", label="validation")
+    axes[0].set_xlabel("iteration")
+    axes[0].set_ylabel(metric)
+    axes[0].legend()
+    axes[1].plot(its, [r["kl"] for r in history], label="KL to the offline policy")
+    axes[1].plot(its, [r["entropy"] for r in history], label="entropy")
+    axes[1].set_xlabel("iteration")
+    axes[1].legend()
+    fig.tight_layout()
+    with atomic_path(out / "learning_curve.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def describe(out: Path) -> str:
+    """One line about a finished fine-tuning run (the CLI prints it)."""
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    best = (config.get("extra") or {}).get("best")
+    return f"adapter: {out} (best on validation: {best})"

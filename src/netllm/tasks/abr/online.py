@@ -1,0 +1,80 @@
+"""Online fine-tuning of the NetLLM ABR policy in the simulator (``netllm.finetune``'s
+hooks for ABR).
+
+    netllm finetune abr --adapter runs/abr --out runs/abr-ppo --iterations 20 --envs 32 --generated 16
+
+
+
+Rollouts: every iteration plays ``--envs`` traces drawn from ``--traces`` (default
+``fcc-pool``, the traces the offline pool played) plus ``--generated`` Markov-chain traces
+generated fresh over a wide bandwidth range and variability (``traces.synthetic_traces``:
+the idea behind GENET's and UDR's randomised training environments), all in lock-step
+(``BatchABREnv``), the policy sampling its levels through the batched decision path. A
+decision's return-to-go is the target minus the QoE earned before it, as at run time.
+Validation: mean QoE on ``--valid-traces`` (default ``fcc-holdout``, which no pool plays).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from netllm.finetune import Rollout
+from netllm.model import NetLLM
+from netllm.rl import ExperiencePool, WindowSampler, decision_hidden
+from netllm.tasks.abr.task import NetLLMABRPolicy, evaluate, run_episodes
+from netllm.tasks.abr.traces import synthetic_traces
+
+
+class ABROnline:
+    """``OnlineHooks`` of ABR."""
+
+    metric = "qoe"
+    higher_is_better = True
+
+    def __init__(self, target: float, traces: Sequence[Any], videos: Sequence[Any], valid: Sequence[Any],
+                 valid_video: Any, envs: int, generated: int = 0, low_mbps: float = 0.2,
+                 high_mbps: float = 20.0) -> None:
+        self.target, self.traces, self.videos, self.valid = target, list(traces), list(videos), list(valid)
+        self.valid_video = valid_video
+        self.envs, self.generated, self.low_mbps, self.high_mbps = envs, generated, low_mbps, high_mbps
+
+    def rollout(self, model: NetLLM, seeds: list[int]) -> Rollout:
+        seed = int(seeds[0])
+        rng = np.random.default_rng(seed)
+        picked = [self.traces[i] for i in rng.choice(len(self.traces), size=min(self.envs, len(self.traces)),
+                                                     replace=False)]
+        if self.generated:
+            picked += synthetic_traces(self.generated, seed=seed, low_mbps=self.low_mbps, high_mbps=self.high_mbps)
+        policy = NetLLMABRPolicy(model, self.target, sample=True, name="netllm-online")
+        video = self.videos[seed % len(self.videos)]  # the iterations alternate the videos
+        ep = run_episodes(policy, picked, video, seed, record=True, noise=True, random_start=True)
+        assert ep.states is not None
+        episodes = [{"states": {k: v[i] for k, v in ep.states.items()}, "actions": ep.levels[i],
+                     "rewards": ep.qoe[i]} for i in range(len(picked))]
+        pool = ExperiencePool.from_episodes(episodes, meta={"task": "abr", "policies": ["netllm-online"]})
+        scale = float(model.config.rl.return_scale)
+        earned = np.concatenate([np.r_[0.0, np.cumsum(ep.qoe[i])[:-1]] for i in range(len(picked))])
+        rtg = ((self.target - earned) / scale).astype(np.float32)
+        return Rollout(pool, rtg, {"qoe": float(ep.qoe.mean())})
+
+    def log_probs(self, model: NetLLM, rollout: Rollout, end_rows: np.ndarray
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        sampler = rollout.cache.get("sampler")
+        if sampler is None:
+            sampler = WindowSampler(rollout.pool, model.config.rl, batch_size=1)
+            sampler.rtg = rollout.rtg  # the return-to-go each decision was conditioned on
+            rollout.cache["sampler"] = sampler
+        batch = sampler.windows(end_rows)
+        hidden = decision_hidden(model, batch)
+        logp_all = F.log_softmax(model.heads["action"](hidden).float(), -1)
+        actions = batch.actions.to(model.device).long().clamp(0, logp_all.shape[-1] - 1)
+        logp = logp_all.gather(-1, actions[..., None])[..., 0]
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+        return logp, entropy, hidden, batch.mask.to(model.device)
+
+    def validate(self, model: NetLLM) -> float:
+        return evaluate(NetLLMABRPolicy(model, self.target), self.valid, self.valid_video, [1]).mean
