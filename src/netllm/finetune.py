@@ -363,15 +363,15 @@ def _plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     its = [r["iteration"] for r in history]
-    axes[0].plot(its, [r.get(metric) for r in history], label=f"training rollouts ({metric})")
+    axes[0].plot(its, [r.get(metric) for r in history], marker=".", label=f"training rollouts ({metric})")
     valid = [(r["iteration"], r[f"valid_{metric}"]) for r in history if r.get(f"valid_{metric}") not in (None, "")]
     if valid:
         axes[0].plot(*zip(*valid), marker="o", label="validation")
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel(metric)
     axes[0].legend()
-    axes[1].plot(its, [r["kl"] for r in history], label="KL to the offline policy")
-    axes[1].plot(its, [r["entropy"] for r in history], label="entropy")
+    axes[1].plot(its, [r["kl"] for r in history], marker=".", label="KL to the offline policy")
+    axes[1].plot(its, [r["entropy"] for r in history], marker=".", label="entropy")
     axes[1].set_xlabel("iteration")
     axes[1].legend()
     fig.tight_layout()
