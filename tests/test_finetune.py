@@ -131,7 +131,7 @@ def test_cli_bad_adapters_are_one_line_errors_and_write_nothing(tiny_llama, tmp_
     vp.mkdir()
     (vp / "adapter_config.json").write_text(json.dumps({"task": "vp", "llm": tiny_llama, "encoders": [], "heads": {},
                                                         "lora": {}}))
-    for adapter, needle in ((vp, "not a CJS policy"), (tmp_path / "none", "--adapter")):
+    for adapter, needle in ((vp, "not a cjs policy"), (tmp_path / "none", "--adapter")):
         out = tmp_path / "out"
         with pytest.raises(SystemExit) as stop:
             main(["finetune", "cjs", "--adapter", str(adapter), "--out", str(out)])

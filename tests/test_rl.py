@@ -121,15 +121,20 @@ def test_offline_rl_training_learns_the_logged_policy(tiny_llama):
     assert info["accuracy"] > 0.6
 
 
-def test_incremental_matches_full_recompute(tiny_llama):
-    """KV-cached decisions equal recomputing the whole context, across re-priming."""
+def perturbed_model(llm: str) -> NetLLM:
+    """A model whose LoRA and heads are away from their initialisation (LoRA B starts at 0)."""
     torch.manual_seed(0)
-    model = make_model(tiny_llama)
+    model = make_model(llm)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    return model.eval()
+
+
+def test_incremental_matches_full_recompute(tiny_llama):
+    """KV-cached decisions equal recomputing the whole context, across re-priming."""
+    model = perturbed_model(tiny_llama)
     cached = IncrementalPolicy(model, target=3.0, batch_size=2, use_cache=True)
     full = IncrementalPolicy(model, target=3.0, batch_size=2, use_cache=False)
     gen = torch.Generator().manual_seed(0)
@@ -172,13 +177,7 @@ def test_incremental_first_decision_equals_training_window(tiny_llama):
 def test_batched_rows_equal_each_episode_alone(tiny_llama):
     """Episodes that decide at different times (so their contexts differ in length and
     they re-prime at different steps) get from one batched policy what each gets alone."""
-    torch.manual_seed(0)
-    model = make_model(tiny_llama)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn_like(p))
-    model.eval()
+    model = perturbed_model(tiny_llama)
     B = 3
     targets = torch.tensor([3.0, 2.0, 4.0])
     batched = IncrementalPolicy(model, target=targets, batch_size=B)

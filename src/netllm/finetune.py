@@ -41,7 +41,7 @@ import torch
 
 from netllm.checkpoint import new_trainer_state, resume_checkpoint, save_checkpoint, trainable_named_parameters
 from netllm.heads import HeadSpec, build_head
-from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM
+from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, read_adapter_config
 from netllm.options import Options, opt
 from netllm.rl import ExperiencePool
 from netllm.utils import NetLLMError, atomic_path
@@ -75,6 +75,18 @@ class FinetuneOptions(Options):
             raise NetLLMError("--adapter: fine-tuning starts from an offline adapter (netllm adapt ...)")
         if not (Path(self.adapter) / ADAPTER_CONFIG).is_file():
             raise NetLLMError(f"--adapter {self.adapter}: not an adapter folder (no {ADAPTER_CONFIG})")
+
+
+def check_adapter(path: str, task: str) -> dict[str, Any]:
+    """The config of ``--adapter``, refused unless it is a decision policy of ``task``."""
+    try:
+        config = read_adapter_config(path)
+    except NetLLMError as err:
+        raise NetLLMError(f"--adapter: {err}") from None
+    if config.get("task") != task or not config.get("rl"):
+        raise NetLLMError(f"--adapter {path}: an adapter of task {config.get('task')!r}"
+                          + ("" if config.get("rl") else " without a decision policy") + f", not a {task} policy")
+    return config
 
 
 @dataclass

@@ -25,7 +25,7 @@ from netllm.tasks.base import Metrics, Task
 from netllm.options import Options, opt, split_list
 from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, train_variants)
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
-from netllm.finetune import FinetuneOptions, run_finetune
+from netllm.finetune import FinetuneOptions, check_adapter, run_finetune
 from netllm.utils import NetLLMError, seed_everything
 
 console = Console()
@@ -420,13 +420,7 @@ class ABRFinetuneOptions(FinetuneOptions):
 
     def check(self) -> None:
         super().check()
-        try:
-            config = read_adapter_config(self.adapter)
-        except NetLLMError as err:
-            raise NetLLMError(f"--adapter: {err}") from None
-        if config.get("task") != "abr" or not config.get("rl"):
-            raise NetLLMError(f"--adapter {self.adapter}: an adapter of task {config.get('task')!r}"
-                              + ("" if config.get("rl") else " without a decision policy") + ", not an ABR policy")
+        check_adapter(self.adapter, "abr")
         check_traces(self.traces, "--traces")
         check_traces(self.valid_traces, "--valid-traces")
         check_videos(self.videos, "--videos")

@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from netllm.finetune import FinetuneOptions, run_finetune
+from netllm.finetune import FinetuneOptions, check_adapter, run_finetune
 from netllm.model import ADAPTER_CONFIG, NetLLMConfig, read_adapter_config
 from netllm.options import Options, opt, split_list
 from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, train_variants
@@ -183,13 +183,7 @@ class CJSFinetuneOptions(FinetuneOptions):
 
     def check(self) -> None:
         super().check()
-        try:
-            config = read_adapter_config(self.adapter)
-        except NetLLMError as err:
-            raise NetLLMError(f"--adapter: {err}") from None
-        if config.get("task") != "cjs" or not config.get("rl"):
-            raise NetLLMError(f"--adapter {self.adapter}: an adapter of task {config.get('task')!r}"
-                              + ("" if config.get("rl") else " without a decision policy") + ", not a CJS policy")
+        check_adapter(self.adapter, "cjs")
         valid = set(parse_seeds(self.valid_seeds, "--valid-seeds"))
         if valid & set(range(1, 11)):
             raise NetLLMError(f"--valid-seeds: {sorted(valid & set(range(1, 11)))} are test seeds; validate on "
