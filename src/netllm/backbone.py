@@ -116,6 +116,7 @@ class Backbone(nn.Module):
         lora: LoraSpec | None,
         pretrained: bool,
         report: LoadReport,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.llm = causal_lm  # a peft.PeftModel when LoRA is attached
@@ -124,6 +125,7 @@ class Backbone(nn.Module):
         self.num_layers = num_layers
         self.lora = lora
         self.pretrained = pretrained
+        self.seed = seed  # of the weights when not pretrained
         self.report = report
         config = self.config
         self.hidden_size = int(getattr(config, "hidden_size", None) or config.n_embd)
@@ -134,6 +136,9 @@ class Backbone(nn.Module):
         # transformers 5.x renamed ``past_key_values`` to ``cache``
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
         self.merged = False  # LoRA folded into the weights (inference only)
+        # serving: further LoRA adapters attached by name (``add_adapter``), one active at a time
+        self.adapters: dict[str, LoraSpec] = {}
+        self.active_adapter: str | None = None
 
     def train(self, mode: bool = True) -> "Backbone":
         """Only LoRA's own dropout follows ``mode``; the frozen LLM stays in eval."""
@@ -232,6 +237,35 @@ class Backbone(nn.Module):
 
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.llm).items()}
 
+    def add_adapter(self, name: str, lora: LoraSpec, state: dict[str, torch.Tensor], source: str) -> None:
+        """Attach one more LoRA adapter called ``name`` with the weights ``state`` (peft's
+        key format) to this frozen LLM: several tasks then share its weights in memory
+        and :meth:`use_adapter` switches between them (serving)."""
+        if self.trains_in_full or self.merged or (self.lora is not None and self.lora.rank > 0):
+            raise NetLLMError(f"{source}: named adapters need a bare frozen backbone (loaded with lora=None)")
+        if name in self.adapters:
+            raise NetLLMError(f"{source}: an adapter called {name!r} is attached already")
+        if lora.rank == 0:
+            raise NetLLMError(f"{source}: the adapter has no LoRA (rank 0); it cannot share a backbone by name")
+        self.llm = _attach_lora(self.llm, lora, name)
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        self.adapters[name] = lora
+        self.active_adapter = name  # peft activates the adapter it has just added first only
+        self.use_adapter(name, force=True)
+        self._set_lora_state(state, source, name)
+
+    def use_adapter(self, name: str, force: bool = False) -> None:
+        """Make the named adapter the active one (a no-op when it is already)."""
+        if name == self.active_adapter and not force:
+            return
+        if name not in self.adapters:
+            raise NetLLMError(f"no adapter called {name!r} (attached: {', '.join(self.adapters) or 'none'})")
+        self.llm.set_adapter(name)
+        for p in self.llm.parameters():
+            p.requires_grad_(False)
+        self.active_adapter = name
+
     def load_lora_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         if self.trains_in_full:
             try:
@@ -243,11 +277,14 @@ class Backbone(nn.Module):
             if state:
                 raise NetLLMError(f"{source}: holds LoRA weights but the backbone has no LoRA")
             return
+        self._set_lora_state(state, source, "default")
+
+    def _set_lora_state(self, state: dict[str, torch.Tensor], source: str, name: str) -> None:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.llm, state)
+        result = set_peft_model_state_dict(self.llm, state, adapter_name=name)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
-        missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+        missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k and f".{name}." in k]
         if unexpected or missing:
             bad = (unexpected or missing)[:3]
             raise NetLLMError(
@@ -361,7 +398,7 @@ def load_backbone(
     report = LoadReport(source=source, from_cache=from_cache, seconds=time.perf_counter() - t0, notes=notes)
     return Backbone(
         causal_lm, tokenizer, spec=spec, num_layers=num_layers, lora=lora,
-        pretrained=pretrained, report=report,
+        pretrained=pretrained, report=report, seed=seed,
     )
 
 
@@ -571,17 +608,26 @@ def lora_targets(causal_lm: nn.Module, lora: LoraSpec) -> list[str]:
     return _ATTENTION_TARGETS[family] + (_MLP_TARGETS[family] if lora.mlp else [])
 
 
-def _attach_lora(causal_lm: nn.Module, lora: LoraSpec) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def _lora_config(causal_lm: nn.Module, lora: LoraSpec) -> Any:
+    from peft import LoraConfig
 
-    targets = lora_targets(causal_lm, lora)
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=targets, bias="none",
+        target_modules=lora_targets(causal_lm, lora), bias="none",
         fan_in_fan_out=_family(causal_lm) == "gpt2" and not lora.target_modules,
     )
+
+
+def _attach_lora(causal_lm: nn.Module, lora: LoraSpec, name: str = "default") -> nn.Module:
+    """``causal_lm`` with one more LoRA adapter called ``name`` (wrapped in peft on the first)."""
+    from peft import PeftModel, get_peft_model
+
+    base = causal_lm.get_base_model() if isinstance(causal_lm, PeftModel) else causal_lm
+    config = _lora_config(base, lora)
     try:
-        model = get_peft_model(causal_lm, config)
+        if isinstance(causal_lm, PeftModel):
+            causal_lm.add_adapter(name, config)
+            return causal_lm
+        return get_peft_model(causal_lm, config, adapter_name=name)
     except ValueError as e:
-        raise NetLLMError(f"LoRA target modules {targets}: {_first_line(e)}") from None
-    return model
+        raise NetLLMError(f"LoRA target modules {config.target_modules}: {_first_line(e)}") from None

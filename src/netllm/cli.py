@@ -1,4 +1,4 @@
-"""``netllm``: doctor, data, collect, adapt, eval, bench, demo.
+"""``netllm``: doctor, data, collect, adapt, eval, bench, finetune, serve, demo.
 
 Shared options mean the same everywhere: ``--seeds`` (``1,2,3`` or ``1-10``), ``--out``
 (the run folder), ``--llm`` (backbone spec), ``--device`` (auto/cpu/cuda/mps).
@@ -331,6 +331,73 @@ def demo(
         t.demo(device=device)
 
 
+def _serve_command(served: list[Any]) -> Any:
+    """``netllm serve``: its own flags plus every task's ServeOptions as ``--<task>-<field>``."""
+    import dataclasses
+    import inspect
+
+    from netllm.options import fields_of, option_name
+
+    params = [
+        inspect.Parameter("adapter", inspect.Parameter.KEYWORD_ONLY, annotation=list[str], default=typer.Option(
+            ..., "--adapter", help="TASK=FOLDER of a trained adapter (repeatable); all share one base LLM.")),
+        inspect.Parameter("host", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                          default=typer.Option("127.0.0.1", "--host", help="Address to listen on.")),
+        inspect.Parameter("port", inspect.Parameter.KEYWORD_ONLY, annotation=int,
+                          default=typer.Option(8333, "--port", help="Port (8333: Pensieve's).")),
+        inspect.Parameter("deadline_ms", inspect.Parameter.KEYWORD_ONLY, annotation=float, default=typer.Option(
+            200.0, "--deadline-ms", help="A decision not ready by then is answered by the fallback (0: none).")),
+        inspect.Parameter("fallback", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+            "", "--fallback", help="TASK=POLICY,... answering past the deadline or on a model error "
+                                   "(default: abr=bba, vp=no-motion).")),
+        inspect.Parameter("max_sessions", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
+            64, "--max-sessions", help="Open sessions per task at most (the next gets 503).")),
+        inspect.Parameter("session_ttl_s", inspect.Parameter.KEYWORD_ONLY, annotation=float, default=typer.Option(
+            300.0, "--session-ttl-s", help="A session idle this long is closed.")),
+        inspect.Parameter("batch_window_ms", inspect.Parameter.KEYWORD_ONLY, annotation=float, default=typer.Option(
+            1.0, "--batch-window-ms", help="How long a decision waits for others to batch with.")),
+        inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=DEVICE),
+    ]
+    own: dict[str, tuple[str, str]] = {}  # parameter -> (task, field)
+    for task in served:
+        for f, kind, optional in fields_of(task.ServeOptions):
+            pname = f"{task.name}_{f.name}"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            params.append(inspect.Parameter(
+                pname, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind] if optional else kind,
+                default=typer.Option(default, f"--{task.name}-{option_name(f.name)[2:]}",
+                                     help=f"{task.name}: {f.metadata.get('help', '')}")))
+            own[pname] = (task.name, f.name)
+
+    def serve(**values: Any) -> None:
+        """Serve trained adapters over HTTP: one base LLM, a deadline with a safe fallback per decision."""
+        from netllm.registry import get_task
+        from netllm.serve.app import ServeSettings, create_app, run
+        from netllm.serve.hub import parse_adapters, parse_pairs
+        from netllm.utils import resolve_device
+
+        resolve_device(values["device"])
+        adapters = parse_adapters(values["adapter"])
+        task_values: dict[str, dict[str, Any]] = {}
+        for pname, (tname, fname) in own.items():
+            task_values.setdefault(tname, {})[fname] = values[pname]
+        task_options = {t: get_task(t).ServeOptions.build(**task_values.get(t, {}))
+                        for t in adapters if getattr(get_task(t), "ServeOptions", None) is not None}
+        settings = ServeSettings(deadline_ms=values["deadline_ms"], max_sessions=values["max_sessions"],
+                                 session_ttl_s=values["session_ttl_s"], batch_window_ms=values["batch_window_ms"],
+                                 fallbacks=parse_pairs(values["fallback"], "--fallback"))
+        if not 0 < values["port"] < 65536:
+            raise NetLLMError(f"--port: must be in 1..65535, got {values['port']}")
+        app_ = create_app(adapters, settings, task_options, device=values["device"])
+        console.print(f"serving {', '.join(adapters)} on http://{values['host']}:{values['port']} "
+                      f"(API docs: /docs, health: /healthz, metrics: /metrics)")
+        run(app_, values["host"], values["port"])
+
+    serve.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    serve.__annotations__ = {p.name: p.annotation for p in params}
+    return serve
+
+
 def build_app() -> typer.Typer:
     """The CLI with every installed task's commands."""
     from netllm.registry import broken_tasks, tasks
@@ -340,6 +407,11 @@ def build_app() -> typer.Typer:
             Console(stderr=True).print(f"[yellow]warning:[/yellow] {why}", highlight=False, soft_wrap=True)
         for task in tasks().values():
             _register(task)
+        served = [t for t in tasks().values() if t.ServeOptions is not None]
+        app.command(name="serve", help="Serve trained adapters over HTTP (FastAPI): one base LLM for every "
+                                       "task, a deadline and a safe fallback per decision, Prometheus "
+                                       "metrics; ABR also speaks Pensieve's protocol (POST /).")(
+            _serve_command(served))
         build_app.done = True  # type: ignore[attr-defined]
     return app
 

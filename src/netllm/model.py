@@ -143,6 +143,7 @@ class NetLLM(nn.Module):
 
             self.rl_tokens = ReturnTokens(config.rl, hidden)
         self.to(backbone.device)
+        self.adapter_name: str | None = None  # set when the backbone is shared (``from_adapter(backbone=)``)
 
     @property
     def device(self) -> torch.device:
@@ -169,6 +170,8 @@ class NetLLM(nn.Module):
         self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw: Any
     ) -> tuple[torch.Tensor, Any]:
         """LLM hidden states (float32) for token embeddings (B, L, H)."""
+        if self.adapter_name is not None:
+            self.backbone.use_adapter(self.adapter_name)
         hidden, cache = self.backbone(embeds, attention_mask, **kw)
         return hidden.float(), cache
 
@@ -210,6 +213,9 @@ class NetLLM(nn.Module):
         ``NetLLMError`` before anything in ``folder`` is touched.
         """
         folder = Path(folder)
+        if self.adapter_name is not None:
+            raise NetLLMError(f"{folder}: this model shares its backbone with other adapters (serving); "
+                              "it cannot be saved as an adapter")
         if self.backbone.merged:
             raise NetLLMError(f"{folder}: this model's LoRA is merged into its weights for inference; "
                               "it cannot be saved as an adapter")
@@ -241,9 +247,13 @@ class NetLLM(nn.Module):
         device: str = "auto",
         dtype: str = "auto",
         merge: bool = False,
+        backbone: Backbone | None = None,
+        adapter_name: str | None = None,
     ) -> "NetLLM":
         """Rebuild a model from an adapter folder on top of its base LLM; ``merge`` folds
-        LoRA into the weights (an inference-only model: evaluation, serving)."""
+        LoRA into the weights (an inference-only model: evaluation). With ``backbone`` (a
+        bare frozen LLM, ``load_backbone(lora=None)``) the adapter's LoRA is attached to it
+        under ``adapter_name`` instead, so several adapters share one LLM (serving)."""
         config_dict = read_adapter_config(folder)
         folder = Path(folder)
         if task is not None and config_dict["task"] != task:
@@ -253,7 +263,9 @@ class NetLLM(nn.Module):
                 f"{folder}: adapter was trained on backbone {config_dict['llm']!r}, not --llm {llm!r}"
             )
         config = NetLLMConfig.from_dict(config_dict)
-        model = cls(config, device=device, dtype=dtype)
+        if backbone is not None:
+            check_shares_backbone(folder, config_dict, backbone)
+        model = cls(config, backbone=backbone, device=device, dtype=dtype)
         if model.hidden_size != config_dict.get("hidden_size", model.hidden_size):
             raise NetLLMError(
                 f"{folder}: adapter expects hidden size {config_dict['hidden_size']}, backbone "
@@ -264,7 +276,12 @@ class NetLLM(nn.Module):
             module_state = load_file(str(folder / MODULE_WEIGHTS))
         except (OSError, ValueError, RuntimeError) as e:
             raise NetLLMError(f"{folder}: unreadable adapter weights: {e}") from None
-        model.backbone.load_lora_state_dict(lora_state, str(folder / LORA_WEIGHTS))
+        if backbone is not None:
+            name = adapter_name or config.task
+            backbone.add_adapter(name, config.lora, lora_state, str(folder / LORA_WEIGHTS))
+            model.adapter_name = name
+        else:
+            model.backbone.load_lora_state_dict(lora_state, str(folder / LORA_WEIGHTS))
         own = model.module_state_dict()
         if set(own) != set(module_state):
             diff = sorted(set(own) ^ set(module_state))[:3]
@@ -274,6 +291,21 @@ class NetLLM(nn.Module):
         if merge:
             model.backbone.merge_lora()
         return model
+
+
+def check_shares_backbone(folder: Path, config: dict[str, Any], backbone: Backbone) -> None:
+    """An adapter can join ``backbone`` only if it was trained on the same frozen LLM:
+    the same model, layer count and (for the random-weight control) the same weights."""
+    wanted = {"backbone": config.get("llm"), "layers": config.get("layers"),
+              "pretrained": config.get("pretrained", True)}
+    have = {"backbone": backbone.spec, "layers": backbone.num_layers, "pretrained": backbone.pretrained}
+    if not wanted["pretrained"]:
+        wanted["seed"], have["seed"] = config.get("seed"), backbone.seed
+    diff = [k for k in wanted if wanted[k] != have[k]]
+    if diff or backbone.trains_in_full:
+        k = diff[0] if diff else "backbone"
+        raise NetLLMError(f"{folder}: needs {k} {wanted[k]!r} but the shared backbone has {have[k]!r}; "
+                          "adapters served together must share one base LLM")
 
 
 class BestAdapter:

@@ -109,6 +109,9 @@ class Task(ABC):
     CollectOptions: ClassVar[type[Options] | None] = None  # decision tasks: netllm collect
     BenchOptions: ClassVar[type[Options] | None] = None  # netllm bench <task>
     FinetuneOptions: ClassVar[type[Options] | None] = None  # decision tasks: netllm finetune (online RL)
+    ServeOptions: ClassVar[type[Options] | None] = None  # netllm serve: the task's own flags (--<task>-<field>)
+    fallbacks: ClassVar[tuple[str, ...]] = ()  # serve: policies that answer when the model cannot in time
+    serve_note: ClassVar[str] = "it has no HTTP service"  # why a task without ServeOptions is not served
 
     # -- data ---------------------------------------------------------------------------
 
@@ -169,6 +172,13 @@ class Task(ABC):
         """Decision tasks: online fine-tuning of an offline adapter in the simulator
         (``netllm.finetune``); returns the adapter folder."""
         raise NetLLMError(f"task {self.name!r} has no online fine-tuning")
+
+    def service(self, ctx: Any, options: Any, fallback: str) -> Any:
+        """``netllm serve``: an object with ``router`` (a FastAPI ``APIRouter``: the task's
+        endpoints, request and response models) and ``bind(model, folder)`` (called once
+        the shared LLM and this task's adapter are loaded); decisions go through
+        ``ctx.decide`` (batched, deadline, ``fallback``). See ``netllm.serve``."""
+        raise NetLLMError(f"task {self.name!r} is not served over HTTP ({self.serve_note})")
 
     def demo(self, device: str = "auto") -> Any:
         """A small end-to-end run against the baselines (``has_demo``)."""

@@ -27,6 +27,7 @@ from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.finetune import FinetuneOptions, check_adapter, run_finetune
 from netllm.utils import NetLLMError, seed_everything
+from netllm.tasks.abr.serve import FALLBACKS as ABR_FALLBACKS, ABRServeOptions
 
 console = Console()
 
@@ -468,6 +469,13 @@ class ABRTask(Task):
     CollectOptions = ABRCollectOptions
     BenchOptions = ABRBenchOptions
     FinetuneOptions = ABRFinetuneOptions
+    ServeOptions = ABRServeOptions
+    fallbacks = ABR_FALLBACKS
+
+    def service(self, ctx: Any, options: ABRServeOptions, fallback: str) -> Any:
+        from netllm.tasks.abr.serve import ABRService
+
+        return ABRService(ctx, options, fallback)
 
     def datasets(self) -> tuple[Any, ...]:
         from netllm.tasks.abr import datasets

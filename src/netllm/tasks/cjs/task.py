@@ -199,6 +199,8 @@ class CJSTask(Task):
     metric = "jct_s"
     higher_is_better = False
     summary = "Spark cluster job scheduling (Decima's simulator, TPC-H jobs); average JCT, lower is better."
+    serve_note = ("a decision needs the whole cluster state; use its scheduler in-process: "
+                  "netllm.tasks.cjs.policy.NetLLMCJSPolicy.from_adapter")
     Recipe = CJSRecipe
     AdaptOptions = CJSAdaptOptions
     EvalOptions = CJSEvalOptions

@@ -44,6 +44,7 @@ from netllm.tasks.vp.baselines import (
     make_baseline,
     train_lstm,
 )
+from netllm.tasks.vp.serve import FALLBACKS as VP_FALLBACKS, VPServeOptions
 from netllm.tasks.vp.dataset import (
     DATASETS,
     SPLIT_NAMES,
@@ -418,6 +419,13 @@ class VPTask(Task):
     AdaptOptions = VPAdaptOptions
     EvalOptions = VPEvalOptions
     BenchOptions = VPBenchOptions
+    ServeOptions = VPServeOptions
+    fallbacks = VP_FALLBACKS
+
+    def service(self, ctx: Any, options: VPServeOptions, fallback: str) -> Any:
+        from netllm.tasks.vp.serve import VPService
+
+        return VPService(ctx, options, fallback)
 
     def datasets(self) -> tuple[Any, ...]:
         from netllm.tasks.vp import datasets
