@@ -62,7 +62,14 @@ def test_named_adapters_share_one_backbone_and_equal_standalone_models(adapters,
 
 
 @pytest.fixture(scope="module")
-def server(adapters, real_data):
+def data_env(real_data):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NETLLM_DATA", str(real_data))
+        yield real_data
+
+
+@pytest.fixture(scope="module")
+def server(adapters, data_env):
     app = create_app({"abr": adapters["abr"], "vp": adapters["vp"]},
                      ServeSettings(deadline_ms=0, max_sessions=8, session_ttl_s=60))
     with BackgroundServer(app) as srv:
@@ -217,7 +224,7 @@ def test_pensieve_protocol(server):
         assert bad.status_code == 422 and "lastChunkFinishTime" in bad.json()["error"]
 
 
-def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, real_data):
+def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, data_env):
     from netllm.tasks.abr.baselines import bba_levels
 
     app = create_app({"abr": adapters["abr"]}, ServeSettings(deadline_ms=50, max_sessions=4, session_ttl_s=1.5))
