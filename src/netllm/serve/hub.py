@@ -82,6 +82,9 @@ class ModelHub:
             self.models[task] = NetLLM.from_adapter(folder, task=task, backbone=self.backbone,
                                                     adapter_name=task).eval()
         self.configs = configs
+        if len(self.models) == 1:  # nothing to switch: fold LoRA in (faster, and the same weights as `eval`)
+            self.backbone.llm.merge_adapter()
+            self.backbone.merged = True
 
     def describe(self) -> dict[str, Any]:
         _, total = self.backbone.parameter_counts()
