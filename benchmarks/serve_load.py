@@ -13,7 +13,9 @@ than real players, who ask once per 4-s chunk). Two runs on fcc-test's first
 
 1. no deadline: the QoE of the served decisions against in-process evaluation of the
    same adapter on the same traces (the same policy: the levels should be equal);
-2. ``--deadline-ms``: decisions/s, p50 / p99 latency, fallback rate and errors.
+2. ``--deadline-ms``: decisions/s, p50 / p99 latency, fallback rate and errors;
+3. the same deadline with paced players (at most one request per ``--interval-s``; a real
+   player asks once per 4-s chunk).
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class Server:
 
 
 async def play(client: httpx.AsyncClient, trace: Any, video: Any, start: int | None, seed: int,
-               until: float) -> dict[str, Any]:
+               until: float, interval_s: float = 0.0) -> dict[str, Any]:
     """One player: the simulator on one trace, every chunk's level asked of the server."""
     env = BatchABREnv([trace], video, noise=start is None, random_start=start is None,
                       start_indices=None if start is None else [start])
@@ -84,6 +86,7 @@ async def play(client: httpx.AsyncClient, trace: Any, video: Any, start: int | N
     sid = (await client.post("/v1/abr/sessions")).raise_for_status().json()["session_id"]
     qoe, levels, latency, server_ms, sources, errors = [], [], [], [], [], 0
     while True:
+        asked = time.perf_counter()
         chunk = int(info["chunk_index"][0])
         level_played = int(info["level"][0])
         body = {"last_level": level_played, "buffer_s": float(info["buffer_s"][0]),
@@ -109,6 +112,7 @@ async def play(client: httpx.AsyncClient, trace: Any, video: Any, start: int | N
         qoe.append(float(reward[0]))
         if bool(term[0]) or time.monotonic() > until:
             break
+        await asyncio.sleep(max(interval_s - (time.perf_counter() - asked), 0.0))
     await client.delete(f"/v1/abr/sessions/{sid}")
     return {"trace": trace.name, "qoe": float(np.mean(qoe)), "levels": levels, "latency_ms": latency,
             "server_latency_ms": server_ms,
@@ -116,7 +120,7 @@ async def play(client: httpx.AsyncClient, trace: Any, video: Any, start: int | N
 
 
 async def run_players(url: str, traces: list[Any], video: Any, starts: list[int] | None, players: int,
-                      seed: int, max_seconds: float) -> tuple[list[dict[str, Any]], float]:
+                      seed: int, max_seconds: float, interval_s: float = 0.0) -> tuple[list[dict[str, Any]], float]:
     until = time.monotonic() + max_seconds
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(traces)):
@@ -128,7 +132,7 @@ async def run_players(url: str, traces: list[Any], video: Any, starts: list[int]
             while not queue.empty() and time.monotonic() < until:
                 i = queue.get_nowait()
                 results[i] = await play(client, traces[i], video, None if starts is None else int(starts[i]),
-                                        seed, until)
+                                        seed, until, interval_s)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(players)))
@@ -160,6 +164,8 @@ def main() -> None:
     ap.add_argument("--deadline-ms", type=float, default=200.0)
     ap.add_argument("--server-threads", type=int, default=1, help="OMP threads of the server process")
     ap.add_argument("--max-seconds", type=float, default=600.0, help="per run")
+    ap.add_argument("--interval-s", type=float, default=0.5,
+                    help="paced run: a player asks at most once per interval (a real player: once per 4-s chunk)")
     ap.add_argument("--out", type=Path, default=Path("runs/serve-load.json"))
     args = ap.parse_args()
     if args.players < 1 or args.traces < 1:
@@ -195,8 +201,12 @@ def main() -> None:
                              "episodes_with_identical_levels": int(same_levels)}
     with Server(args.adapter, args.deadline_ms, args.players, args.server_threads) as srv:
         loaded, wall = asyncio.run(run_players(srv.url, traces, video, starts, args.players, seed, args.max_seconds))
-    report["deadline"] = {"deadline_ms": args.deadline_ms, **summarise(loaded, wall),
-                          "qoe_served": round(float(np.mean([r["qoe"] for r in loaded])), 4)}
+        report["deadline"] = {"deadline_ms": args.deadline_ms, **summarise(loaded, wall),
+                              "qoe_served": round(float(np.mean([r["qoe"] for r in loaded])), 4)}
+        paced, wall = asyncio.run(run_players(srv.url, traces, video, starts, args.players, seed, args.max_seconds,
+                                              args.interval_s))
+    report["paced"] = {"deadline_ms": args.deadline_ms, "interval_s": args.interval_s, **summarise(paced, wall),
+                       "qoe_served": round(float(np.mean([r["qoe"] for r in paced])), 4)}
     atomic_write_json(args.out, report)
 
     table = Table(title=f"netllm serve, {args.players} closed-loop players, {len(traces)} fcc-test traces, "
@@ -211,6 +221,10 @@ def main() -> None:
                   f"{nd['qoe_in_process']:.4f}")
     table.add_row(f"deadline {args.deadline_ms:g} ms", str(dl["decisions_per_s"]), f"{dl['p50_ms']} / {dl['p99_ms']}",
                   f"{dl['server_p50_ms']} / {dl['server_p99_ms']}", f"{dl['fallback_rate']:.2%}", str(dl["errors"]), f"{dl['qoe_served']:.4f}", "")
+    pc = report["paced"]
+    table.add_row(f"paced {args.interval_s:g} s, deadline {args.deadline_ms:g} ms", str(pc["decisions_per_s"]),
+                  f"{pc['p50_ms']} / {pc['p99_ms']}", f"{pc['server_p50_ms']} / {pc['server_p99_ms']}",
+                  f"{pc['fallback_rate']:.2%}", str(pc["errors"]), f"{pc['qoe_served']:.4f}", "")
     console.print(table)
     console.print(f"identical level sequences: {nd['episodes_with_identical_levels']}/{len(served)} episodes; "
                   f"written {args.out}")
