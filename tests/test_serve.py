@@ -304,3 +304,36 @@ def test_adapters_needing_another_base_are_refused(adapters):
         (vp3 / "adapter_config.json").write_text(json.dumps({**config, "task": "vp"}))
     with pytest.raises(NetLLMError, match=r"vp=.*vp3: needs layers 3, but --adapter abr=.* needs 2"):
         check_adapters({"abr": adapters["abr"], "vp": vp3})
+
+
+def test_cli_serves_until_stopped(adapters, data_env):
+    """`netllm serve` as a user runs it: a process that answers until it is terminated."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from netllm.serve.app import free_port
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("netllm")
+    proc = subprocess.Popen([str(exe), "serve", "--adapter", f"abr={adapters['abr']}", "--adapter",
+                             f"vp={adapters['vp']}", "--port", str(port), "--fallback", "vp=velocity"],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        until = time.monotonic() + 120
+        while time.monotonic() < until:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        sid = httpx.post(f"{url}/v1/abr/sessions").json()["session_id"]
+        assert httpx.post(f"{url}/v1/abr/sessions/{sid}/decide", json=GOOD).json()["source"] == "policy"
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert f"serving abr, vp on http://127.0.0.1:{port}" in out
+    assert "Traceback" not in out
