@@ -17,7 +17,8 @@ environment is what can take a policy past them. Each iteration
    entropy bonus and a KL penalty towards the offline policy (the k3 estimator) so it
    does not forget what it imitated;
 4. **validates** on seeds that are neither training nor test seeds and keeps the best
-   adapter (``model.BestAdapter``), in the adapter format ``eval`` loads unchanged;
+   adapter (``model.BestAdapter``; the offline adapter, validated before the first
+   iteration, is a candidate too), in the adapter format ``eval`` loads unchanged;
 5. writes a checkpoint (atomically, ``checkpoint.py``), a row of ``metrics.csv``,
    TensorBoard scalars and the learning-curve PNG.
 
@@ -234,6 +235,13 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
     with Progress(TextColumn("[bold]finetune[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeRemainingColumn(), disable=not progress) as bar:
         task_id = bar.add_task("", total=options.iterations, completed=start)
+        if start == 0:  # the offline adapter is a candidate too: fine-tuning never keeps worse
+            model.eval()
+            score = float(hooks.validate(model))
+            keeper.update(model, score, 0)
+            history.append({"iteration": 0, f"valid_{hooks.metric}": score, "best": True,
+                            "wall_s": time.perf_counter() - t0})
+            _write_history(out, history)
         for it in range(start + 1, options.iterations + 1):
             row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it))
             if it % options.valid_every == 0 or it == options.iterations:
@@ -374,9 +382,11 @@ def _plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    valid_rows = history
+    history = [r for r in history if int(r["iteration"]) > 0]  # iteration 0: the offline adapter, validated only
     its = [r["iteration"] for r in history]
     axes[0].plot(its, [r.get(metric) for r in history], marker=".", label=f"training rollouts ({metric})")
-    valid = [(r["iteration"], r[f"valid_{metric}"]) for r in history if r.get(f"valid_{metric}") not in (None, "")]
+    valid = [(r["iteration"], r[f"valid_{metric}"]) for r in valid_rows if r.get(f"valid_{metric}") not in (None, "")]
     if valid:
         axes[0].plot(*zip(*valid), marker="o", label="validation")
     axes[0].set_xlabel("iteration")
