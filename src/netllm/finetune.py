@@ -13,7 +13,9 @@ environment is what can take a policy past them. Each iteration
    gradients, the log-probability of every taken action under the rollout weights
    (``old``), under the frozen offline policy (``ref``) and the value estimate;
 3. takes **PPO** steps over the tiles: clipped policy ratio on GAE advantages, a value
-   head on the LLM's hidden state (``heads["value"]``, saved with the adapter), an
+   head on the LLM's hidden state (``heads["value"]``, saved with the adapter; it learns
+   on detached hidden states unless ``--shared-value``: with the critic's gradients in
+   the shared LoRA, the first ABR run's validation QoE fell from 0.669 to ~0.59), an
    entropy bonus and a KL penalty towards the offline policy (the k3 estimator) so it
    does not forget what it imitated;
 4. **validates** on seeds that are neither training nor test seeds and keeps the best
@@ -67,6 +69,9 @@ class FinetuneOptions(Options):
     entropy_coef: float = opt(0.01, "Weight of the entropy bonus.", min=0)
     kl_coef: float = opt(0.1, "Weight of the KL penalty towards the offline policy.", min=0)
     max_grad_norm: float = opt(1.0, "Gradient clipping (global norm).", min=0)
+    shared_value: bool = opt(False, "Let the value loss train LoRA and the encoders too (default: the value "
+                                    "head learns on detached hidden states, so the critic cannot move the policy).",
+                             flag="--shared-value/--detached-value")
     valid_every: int = opt(1, "Validate every N iterations and keep the best adapter.", min=1)
     seed: int = opt(0, "Seed of rollouts, sampling and minibatch order.", min=0)
 
@@ -309,7 +314,8 @@ def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetune
             logp, entropy, hidden, real = hooks.log_probs(model, roll, ends[pick])
             m = torch.from_numpy(score[pick]).to(dev) & real
             idx = torch.from_numpy(rows[pick]).to(dev)[m]
-            lp, ent, v = logp[m], entropy[m], _value(model, hidden)[m]
+            v = _value(model, hidden if options.shared_value else hidden.detach())[m]
+            lp, ent = logp[m], entropy[m]
             ratio = torch.exp(lp - old_t[idx])
             a = adv_t[idx]
             policy_loss = -torch.min(ratio * a, ratio.clamp(1 - options.clip, 1 + options.clip) * a).mean()
