@@ -29,7 +29,7 @@ from rich.table import Table
 from netllm.stats import describe, paired_difference
 from netllm.tasks.abr.baselines import make_baseline
 from netllm.tasks.abr.task import NetLLMABRPolicy, env_setting, evaluate
-from netllm.tasks.abr.traces import load_traces, load_video, synthetic_traces
+from netllm.tasks.abr.traces import copies_of, load_traces, load_video, synthetic_traces
 from netllm.utils import atomic_write_json
 
 console = Console()
@@ -80,6 +80,14 @@ def main() -> None:
             key = f"{set_name}/{video_name}"
             report["results"][key] = {"mean_qoe": means, "finetuned_minus_offline": d_off,
                                       "best_baseline": best, "finetuned_minus_best_baseline": d_best}
+            if set_name == "fcc-test":  # and on its traces that are no copy of an fcc-train trace
+                seen = copies_of(traces, load_traces("fcc-train"))
+                unseen = [t.name for t in traces if t.name not in seen]
+                pick = {n: {t: v[t] for t in unseen} for n, v in per_trace.items()}
+                report["results"][key]["unseen"] = {
+                    "traces": len(unseen), "mean_qoe": {n: sum(v.values()) / len(v) for n, v in pick.items()},
+                    "finetuned_minus_offline": paired_difference(pick["finetuned"], pick["offline"], "higher"),
+                    "finetuned_minus_best_baseline": paired_difference(pick["finetuned"], pick[best], "higher")}
             table.add_row(key, *(f"{means[n]:.3f}" for n in policies), describe(d_off),
                           f"{best}: {describe(d_best)}")
             atomic_write_json(args.out, report)
