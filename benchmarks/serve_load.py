@@ -46,14 +46,16 @@ console = Console()
 class Server:
     """``netllm serve`` as a subprocess, stopped on exit."""
 
-    def __init__(self, adapter: Path, deadline_ms: float, max_sessions: int, threads: int) -> None:
+    def __init__(self, adapter: Path, deadline_ms: float, max_sessions: int, threads: int,
+                 fallback: str = "bba") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         exe = Path(sys.executable).with_name("netllm")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--adapter", f"abr={adapter}", "--port", str(self.port), "--deadline-ms",
-             str(deadline_ms), "--max-sessions", str(max_sessions), "--device", "cpu"],
+             str(deadline_ms), "--max-sessions", str(max_sessions), "--device", "cpu", "--fallback",
+             f"abr={fallback}"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self) -> "Server":
@@ -78,10 +80,11 @@ class Server:
 
 
 async def play(client: httpx.AsyncClient, trace: Any, video: Any, start: int | None, seed: int,
-               until: float, interval_s: float = 0.0) -> dict[str, Any]:
-    """One player: the simulator on one trace, every chunk's level asked of the server."""
+               until: float, interval_s: float = 0.0, trace_id: int = 0) -> dict[str, Any]:
+    """One player: the simulator on one trace, every chunk's level asked of the server
+    (``trace_id``: its position in the set, which seeds its noise and start as in ``eval``)."""
     env = BatchABREnv([trace], video, noise=start is None, random_start=start is None,
-                      start_indices=None if start is None else [start])
+                      start_indices=None if start is None else [start], trace_ids=[trace_id])
     _, info = env.reset(seed)
     sid = (await client.post("/v1/abr/sessions")).raise_for_status().json()["session_id"]
     qoe, levels, latency, server_ms, sources, errors = [], [], [], [], [], 0
@@ -132,7 +135,7 @@ async def run_players(url: str, traces: list[Any], video: Any, starts: list[int]
             while not queue.empty() and time.monotonic() < until:
                 i = queue.get_nowait()
                 results[i] = await play(client, traces[i], video, None if starts is None else int(starts[i]),
-                                        seed, until, interval_s)
+                                        seed, until, interval_s, trace_id=i)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(players)))
@@ -159,10 +162,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", type=Path, required=True)
     ap.add_argument("--players", type=int, default=32)
-    ap.add_argument("--traces", type=int, default=32, help="fcc-test's first N traces (one episode each)")
+    ap.add_argument("--trace-set", default="fcc-test", help="fcc-test, fcc-holdout (validation: choose on it) ...")
+    ap.add_argument("--traces", type=int, default=32, help="the set's first N traces (one episode each)")
     ap.add_argument("--video", default="video1")
     ap.add_argument("--deadline-ms", type=float, default=200.0)
     ap.add_argument("--server-threads", type=int, default=1, help="OMP threads of the server process")
+    ap.add_argument("--fallback", default="bba", help="the server's ABR fallback (bba, hold-bba)")
     ap.add_argument("--max-seconds", type=float, default=600.0, help="per run")
     ap.add_argument("--interval-s", type=float, default=0.5,
                     help="paced run: a player asks at most once per interval (a real player: once per 4-s chunk)")
@@ -171,9 +176,9 @@ def main() -> None:
     if args.players < 1 or args.traces < 1:
         raise SystemExit("--players and --traces must be >= 1")
 
-    traces = load_traces("fcc-test")[:args.traces]
+    traces = load_traces(args.trace_set)[:args.traces]
     video = load_video(args.video)
-    setting = env_setting("fcc-test")
+    setting = env_setting(args.trace_set)
     starts = None if "start_indices" not in setting else list(np.asarray(setting["start_indices"])[:args.traces])
     env_options = {} if starts is None else {"noise": False, "start_indices": starts}
     seed = 1
@@ -184,9 +189,10 @@ def main() -> None:
     in_process = {"qoe_per_trace": ep.qoe.mean(axis=1).tolist(), "levels": ep.levels.tolist(),
                   "wall_s": round(time.perf_counter() - t0, 2)}
 
-    report: dict[str, Any] = {"adapter": str(args.adapter), "players": args.players, "traces": len(traces),
+    report: dict[str, Any] = {"adapter": str(args.adapter), "players": args.players, "trace_set": args.trace_set,
+                              "traces": len(traces),
                               "video": video.name, "setting": "upstream" if starts is not None else "random",
-                              "server_threads": args.server_threads}
+                              "server_threads": args.server_threads, "fallback": args.fallback}
     with Server(args.adapter, 0.0, args.players, args.server_threads) as srv:
         served, wall = asyncio.run(run_players(srv.url, traces, video, starts, args.players, seed, args.max_seconds))
     by_trace = {r["trace"]: r for r in served}
@@ -199,7 +205,7 @@ def main() -> None:
                              "qoe_in_process": round(float(np.mean(in_process["qoe_per_trace"][:len(served)])), 4),
                              "max_abs_qoe_diff_per_trace": float(max(diffs)) if diffs else None,
                              "episodes_with_identical_levels": int(same_levels)}
-    with Server(args.adapter, args.deadline_ms, args.players, args.server_threads) as srv:
+    with Server(args.adapter, args.deadline_ms, args.players, args.server_threads, args.fallback) as srv:
         loaded, wall = asyncio.run(run_players(srv.url, traces, video, starts, args.players, seed, args.max_seconds))
         report["deadline"] = {"deadline_ms": args.deadline_ms, **summarise(loaded, wall),
                               "qoe_served": round(float(np.mean([r["qoe"] for r in loaded])), 4)}

@@ -227,7 +227,8 @@ def test_pensieve_protocol(server):
 def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, data_env):
     from netllm.tasks.abr.baselines import bba_levels
 
-    app = create_app({"abr": adapters["abr"]}, ServeSettings(deadline_ms=50, max_sessions=4, session_ttl_s=1.5))
+    app = create_app({"abr": adapters["abr"]}, ServeSettings(deadline_ms=50, max_sessions=4, session_ttl_s=1.5,
+                                                             fallbacks={"abr": "bba"}))
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         ctx = app.state.ctx
         abr = ctx.hub.models["abr"]
@@ -337,3 +338,13 @@ def test_cli_serves_until_stopped(adapters, data_env):
         out, _ = proc.communicate(timeout=30)
     assert f"serving abr, vp on http://127.0.0.1:{port}" in out
     assert "Traceback" not in out
+
+
+def test_the_default_abr_fallback_holds_the_level_unless_the_buffer_is_short():
+    from netllm.tasks.abr.serve import FALLBACKS, fallback_level
+
+    assert FALLBACKS[0] == "hold-bba"
+    obs = ChunkObservation.model_validate({**GOOD, "last_level": 3, "buffer_s": 30.0})
+    assert fallback_level("hold-bba", obs) == 3 and fallback_level("bba", obs) == 5
+    short = ChunkObservation.model_validate({**GOOD, "last_level": 3, "buffer_s": 6.0})
+    assert fallback_level("hold-bba", short) == 0 == fallback_level("bba", short)

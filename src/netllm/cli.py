@@ -349,7 +349,7 @@ def _serve_command(served: list[Any]) -> Any:
             200.0, "--deadline-ms", help="A decision not ready by then is answered by the fallback (0: none).")),
         inspect.Parameter("fallback", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
             "", "--fallback", help="TASK=POLICY,... answering past the deadline or on a model error "
-                                   "(default: abr=bba, vp=no-motion).")),
+                                   "(default: abr=hold-bba, vp=no-motion).")),
         inspect.Parameter("max_sessions", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
             64, "--max-sessions", help="Open sessions per task at most (the next gets 503).")),
         inspect.Parameter("session_ttl_s", inspect.Parameter.KEYWORD_ONLY, annotation=float, default=typer.Option(

@@ -37,7 +37,16 @@ from netllm.tasks.abr.baselines import bba_levels
 from netllm.tasks.abr.env import BITRATES_MBPS, BUFFER_NORM_S, CHUNKS_LEFT_CAP, HISTORY, qoe
 from netllm.tasks.abr.traces import BITRATES_KBPS, NUM_LEVELS
 
-FALLBACKS = ("bba",)
+# hold-bba (the default): the level just played, lowered to BBA's when the buffer is short;
+# bba: BBA's level alone, which jumps to the top level whenever the buffer is long — mixed
+# into a policy that keeps long buffers it stalls (benchmarks/serve_load.py on fcc-holdout:
+# QoE 0.60 with hold-bba, -0.18 with bba, at 16-17 % fallbacks; docs/serving.md)
+FALLBACKS = ("hold-bba", "bba")
+
+
+def fallback_level(name: str, obs: "ChunkObservation") -> int:
+    bba = int(bba_levels(np.array([obs.buffer_s]))[0])
+    return bba if name == "bba" else min(obs.last_level, bba)
 
 
 @dataclass
@@ -243,7 +252,7 @@ class ABRService:
     async def decide(self, session: Session, obs: ChunkObservation, started: float) -> ABRDecision:
         level, source, latency_ms = await self.ctx.decide(
             "abr", self._decide_batch, (session, obs),
-            fallback=lambda: int(bba_levels(np.array([obs.buffer_s]))[0]), started=started)
+            fallback=lambda: fallback_level(self.fallback, obs), started=started)
         return ABRDecision(level=int(level), bitrate_kbps=int(BITRATES_KBPS[level]), source=source,
                            latency_ms=round(latency_ms, 3))
 
