@@ -88,6 +88,7 @@ class ServeContext:
     def __init__(self, settings: ServeSettings, metrics: ServeMetrics) -> None:
         self.settings, self.metrics = settings, metrics
         self.batcher: Batcher | None = None
+        self.hub: Any = None  # the loaded ModelHub
         self.ready = False
         self.error: str | None = None
         self._tasks: dict[BatchFn, str] = {}  # batch fn -> task, for the batch-size metric
