@@ -160,7 +160,22 @@ _COMMON = {
     "out": (Optional[Path], OUT),
     "device": (str, DEVICE),
     "resume": (bool, typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint.")),
+    "workers": (Optional[int], typer.Option(None, "--workers", help="Spread the episodes over N Ray workers "
+                                                                    "(a local Ray; pip install 'netllm[ray]').")),
+    "ray_address": (Optional[str], typer.Option(None, "--ray-address", help="Run the workers on an existing "
+                                                                            "Ray cluster (HOST:PORT or auto).")),
 }
+PARALLEL = ("workers", "ray_address")  # eval and collect of a task with Task.parallel
+
+
+def _workers(common: dict[str, Any]) -> Any:
+    """The Ray workers of ``--workers`` / ``--ray-address`` (a no-op context without them)."""
+    from netllm import parallel
+
+    workers, address = common.get("workers"), common.get("ray_address")
+    if workers is not None and workers < 1:
+        raise NetLLMError(f"--workers: must be >= 1, got {workers}")
+    return parallel.workers(workers, address)
 
 
 def _typed_command(options_cls: type, common: tuple[str, ...], run: Any) -> Any:
@@ -239,22 +254,28 @@ def _register(task: Any) -> None:
         task.check_eval(options)
         policies = _policies(task, common["policy"], options, common["device"])
         out = _out(common["out"], f"eval-{name}")
-        prepare_run_dir(out, {"command": f"eval {name}", "policies": common["policy"], "seeds": seeds,
-                              **options.to_dict()})
-        task.evaluate(policies, seeds, options, out)
+        with _workers(common):  # Ray is up (or the address answered) before the run folder is written
+            prepare_run_dir(out, {"command": f"eval {name}", "policies": common["policy"], "seeds": seeds,
+                                  **options.to_dict()})
+            task.evaluate(policies, seeds, options, out)
 
+    parallel = PARALLEL if task.parallel else ()
     eval_app.command(name=name, help=f"Evaluate policies on {name}: {task.summary}")(
-        _typed_command(task.EvalOptions, ("policy", "seeds", "out", "device"), run_eval))
+        _typed_command(task.EvalOptions, ("policy", "seeds", "out", "device", *parallel), run_eval))
 
     def run_adapt(common: dict[str, Any], recipe: Any) -> None:
+        from netllm.recipe import training_precision
         from netllm.utils import resolve_device
 
-        resolve_device(common["device"])
+        training_precision(recipe.dtype, resolve_device(common["device"]))  # --dtype bf16 on a CPU: refused here
         task.check_adapt(recipe)
         out = _out(common["out"], f"{name}-adapter")
         prepare_run_dir(out, {"command": f"adapt {name}", "resume": common["resume"], **recipe.to_dict()})
         adapter = task.adapt(out, recipe, device=common["device"], resume=common["resume"])
-        console.print(f"adapter: {adapter}")
+        from netllm.train import is_main_process
+
+        if is_main_process():  # once, under accelerate launch
+            console.print(f"adapter: {adapter}")
 
     adapt_app.command(name=name, help=f"Adapt the LLM to {name}: {task.summary}")(
         _typed_command(task.AdaptOptions, ("out", "device", "resume"), run_adapt))
@@ -264,12 +285,13 @@ def _register(task: Any) -> None:
             seeds = parse_seeds(common["seeds"])
             _policies(task, common["policy"], options, "cpu")
             out = _out(common["out"], f"pool-{name}")
-            prepare_run_dir(out, {"command": f"collect {name}", "policies": common["policy"], "seeds": seeds,
-                                  **options.to_dict()})
-            task.collect(common["policy"], seeds, options, out)
+            with _workers(common):
+                prepare_run_dir(out, {"command": f"collect {name}", "policies": common["policy"], "seeds": seeds,
+                                      **options.to_dict()})
+                task.collect(common["policy"], seeds, options, out)
 
         collect_app.command(name=name, help=f"Collect an experience pool on {name}.")(
-            _typed_command(task.CollectOptions, ("policy", "seeds", "out"), run_collect))
+            _typed_command(task.CollectOptions, ("policy", "seeds", "out", *parallel), run_collect))
 
     if task.BenchOptions is not None:
         def run_bench(common: dict[str, Any], options: Any) -> None:

@@ -36,7 +36,9 @@ class Recipe(Options):
                               "or 'scratch' (a small transformer from scratch, the control).")
     layers: int | None = opt(6, "Keep only the first N decoder layers (default of the backbone if unset).", min=1)
     rank: int = opt(16, "LoRA rank on the attention projections (0: no LoRA).", min=0)
-    batch_size: int = opt(16, "Samples per optimizer step.", min=1)
+    batch_size: int = opt(16, "Samples per micro-batch (per process under accelerate launch).", min=1)
+    grad_accum: int = opt(1, "Micro-batches per optimizer step: a step sees batch size x grad accum x "
+                             "processes samples.", min=1)
     steps: int = opt(2000, "Optimizer steps.", min=1)
     epochs: float | None = opt(None, "Passes over the training data; replaces --steps when given.", min=0)
     lr: float = opt(3e-4, "Peak learning rate (AdamW).", min=0)
@@ -47,6 +49,10 @@ class Recipe(Options):
     pretrained: bool = opt(True, "Pretrained LLM weights, or random ones (the control).",
                            flag="--pretrained/--random-init")
     seed: int = opt(0, "Training seed (initialisation, batches).", min=0)
+    dtype: str = opt("auto", "Training precision: fp32, or bf16 (frozen weights in bf16, autocast; CUDA only); "
+                             "auto: bf16 on CUDA, else fp32.", choices=("auto", "fp32", "bf16"))
+    gradient_checkpointing: bool = opt(False, "Recompute the LLM's activations in the backward pass (less "
+                                              "memory for deep backbones, ~30 % more compute).")
 
     def check(self) -> None:
         super().check()
@@ -60,7 +66,10 @@ class Recipe(Options):
     def total_steps(self, num_samples: int) -> int:
         """``steps``, or ``epochs`` passes over ``num_samples`` training samples."""
         if self.epochs is not None:
-            return max(1, math.ceil(self.epochs * num_samples / self.batch_size))
+            from netllm.train import launched_processes
+
+            per_step = self.batch_size * self.grad_accum * launched_processes()
+            return max(1, math.ceil(self.epochs * num_samples / per_step))
         return self.steps
 
 
@@ -76,17 +85,24 @@ def run_adaptation(model: "NetLLM", get_batch: Callable[[int], Any], loss_fn: Ca
     config, beside the recipe and the training time. Returns the adapter folder.
     """
     from netllm.model import BestAdapter
-    from netllm.train import TrainConfig, train
+    from netllm.train import TrainConfig, is_main_process, train, wait_for_everyone
 
     t0 = time.perf_counter()
+    precision = training_precision(recipe.dtype, model.device)
+    set_precision(model, precision)
+    if recipe.gradient_checkpointing:
+        model.backbone.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def details() -> dict[str, Any]:
         return {"recipe": asdict(recipe), **(extra() if extra else {}), "train_seconds": time.perf_counter() - t0}
 
-    keeper = BestAdapter(out, metric, higher_is_better=higher_is_better, extra=details, resume=resume)
+    # under `accelerate launch` only the main process validates and keeps the adapter
+    keeper = BestAdapter(out, metric, higher_is_better=higher_is_better, extra=details,
+                         resume=resume) if is_main_process() else None
     eval_fn = None
     if validate is not None and recipe.eval_every > 0:
         def eval_fn(m: Any, step: int) -> dict[str, float]:
+            assert keeper is not None
             m.eval()
             score = float(validate(m))
             keeper.update(m, score, step)
@@ -94,11 +110,42 @@ def run_adaptation(model: "NetLLM", get_batch: Callable[[int], Any], loss_fn: Ca
 
     config = TrainConfig(steps=steps, lr=recipe.lr, warmup_steps=min(recipe.warmup_steps, steps // 4),
                          weight_decay=recipe.weight_decay, schedule=recipe.schedule,  # type: ignore[arg-type]
-                         min_lr=min_lr, eval_every=recipe.eval_every if eval_fn else 0,
+                         min_lr=min_lr, eval_every=recipe.eval_every if eval_fn else 0, grad_accum=recipe.grad_accum,
                          checkpoint_every=max(steps // 10, 25), log_every=10, seed=recipe.seed,
-                         progress=progress)
+                         progress=progress, mixed_precision=precision)  # type: ignore[arg-type]
     train(model, get_batch, loss_fn, config, out / "train", eval_fn=eval_fn, resume=resume)
-    return keeper.finish(model)
+    if keeper is None:
+        wait_for_everyone()
+        return out
+    adapter = keeper.finish(model)
+    wait_for_everyone()
+    return adapter
+
+
+def training_precision(dtype: str, device: Any) -> str:
+    """``--dtype`` on ``device`` as the loop's mixed precision: "bf16" or "no"; bf16
+    anywhere but on a CUDA GPU that supports it is a one-line error."""
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    if dtype == "auto":
+        dtype = "bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "bf16" and not (kind == "cuda" and torch.cuda.is_bf16_supported()):
+        raise NetLLMError(f"--dtype bf16: trains with bf16 autocast on a CUDA GPU that supports it; this run is "
+                          f"on {kind} (use --dtype fp32)")
+    return "bf16" if dtype == "bf16" else "no"
+
+
+def set_precision(model: Any, precision: str) -> None:
+    """The frozen LLM weights in bf16 (with autocast) or fp32; trainable ones stay fp32."""
+    import torch
+
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != want:
+            p.data = p.data.to(want)
+        elif p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 TRAIN_SEEDS_HELP = ("Training seeds, e.g. 0-2: every trained variant (NetLLM and its controls) is trained once per "
@@ -146,12 +193,15 @@ def stage_done(folder: Path, steps: int) -> bool:
 def load_policy(task: "Task", name: str, options: Any, device: str = "auto") -> Any:
     """A policy of ``task``: a run folder (a trained adapter, or another run the task
     knows) or a baseline name. A bad name is a one-line error listing the baselines."""
+    from netllm.parallel import PolicySource, remember_source
+
     path = Path(name)
-    if path.is_dir():
-        return task.policy_from_run(path, options, device)
+    if path.is_dir():  # workers (netllm.parallel) reload it from the same folder
+        source = PolicySource(task.name, str(path.resolve()), options, device)
+        return remember_source(task.policy_from_run(path, options, device), source)
     baselines = task.baselines()
     if name in baselines:
-        return baselines[name](options)
+        return remember_source(baselines[name](options), PolicySource(task.name, name, options, device))
     if path.exists() or "/" in name or name.startswith("."):
         raise NetLLMError(f"--policy {name}: not a run folder")
     raise NetLLMError(f"--policy {name}: not a baseline of {task.name} ({', '.join(baselines)}) "

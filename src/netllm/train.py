@@ -40,6 +40,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -47,6 +48,7 @@ from tqdm import tqdm
 from netllm.checkpoint import (
     CHECKPOINT_DIRNAME,
     new_trainer_state,
+    recover_checkpoint,
     resume_checkpoint,
     rng_state,
     save_checkpoint,
@@ -87,6 +89,7 @@ class TrainConfig:
     seed: int = 0  # seeds Python, numpy and torch at the start of a fresh run
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also log to out_dir/tb
+    mixed_precision: Literal["no", "bf16"] = "no"  # "bf16": autocast on CUDA (Accelerate)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> NetLLMError:
@@ -113,6 +116,8 @@ class TrainConfig:
                 raise bad(field, "must be >= 0 (0 means: only at the end)")
         if self.log_every < 1:
             raise bad("log_every", "must be >= 1")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise bad("mixed_precision", "must be 'no' or 'bf16'")
         self.betas = (float(self.betas[0]), float(self.betas[1]))
 
 
@@ -219,6 +224,132 @@ def _open_tensorboard(out_dir: Path, start_step: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------
+# Processes: one, or several under `accelerate launch` (data-parallel, DDP)
+# --------------------------------------------------------------------------------------
+
+
+def launched_processes() -> int:
+    """How many processes ``accelerate launch`` (torchrun) started for this run (1: none)."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files (always, without ``accelerate launch``)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def wait_for_everyone() -> None:
+    """A barrier across the launched processes (nothing to wait for in one process)."""
+    if launched_processes() > 1:
+        from accelerate import PartialState
+
+        # cpu=True where there is no GPU: else Accelerate sees no process group (gloo) at all
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+class _LossModule(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that DDP (which synchronises gradients
+    through ``forward``) sees every loss, whatever model methods the task's loss calls."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any]) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch: Any) -> Any:
+        return self.loss_fn(self.model, batch)
+
+
+class _Processes:
+    """This run's processes. Without ``accelerate launch`` (and without mixed precision)
+    it is this process alone and the loop runs plain PyTorch. Under ``accelerate launch``
+    Hugging Face Accelerate owns the process group: the loss is wrapped in DDP (gradients
+    averaged over processes), process ``rank`` takes micro-batches ``i * world + rank``
+    (so N processes equal one process with ``grad_accum * N``), metrics are reduced over
+    processes, and only the main process writes files or evaluates."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], config: TrainConfig) -> None:
+        self.loss_fn, self.model = loss_fn, model
+        self.world, self.rank, self.acc, self.ddp = 1, 0, None, None
+        if launched_processes() == 1 and config.mixed_precision == "no":
+            return
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        if config.mixed_precision == "bf16" and device.type != "cuda":
+            raise NetLLMError(f"--dtype bf16: autocast training needs a CUDA GPU; this run is on {device.type} "
+                              "(use --dtype fp32)")
+        self.acc = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
+                               device_placement=False,
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        if self.acc.distributed_type == DistributedType.FSDP:
+            check_fsdp(model, device)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.ddp = self.acc.prepare_model(_LossModule(model, loss_fn), device_placement=False)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def batch_index(self, i: int) -> int:
+        return i * self.world + self.rank
+
+    def loss(self, batch: Any) -> Any:
+        return self.ddp(batch) if self.ddp is not None else self.loss_fn(self.model, batch)
+
+    def no_sync(self, last: bool) -> Any:
+        """Gradients are averaged over processes once per step, at its last micro-batch."""
+        import contextlib
+
+        if self.ddp is None or last or self.world == 1:
+            return contextlib.nullcontext()
+        return self.acc.no_sync(self.ddp)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.acc is not None:
+            self.acc.backward(loss)
+        else:
+            loss.backward()
+
+    def reduce(self, loss: torch.Tensor, metrics: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+        """The step's loss and metrics over every process (counts summed, the rest averaged)."""
+        if self.world == 1:
+            return loss, metrics
+        assert self.acc is not None
+        names = sorted(metrics)
+        values = torch.tensor([loss.item(), *[metrics[n] for n in names]], dtype=torch.float64,
+                              device=self.acc.device)
+        total = self.acc.reduce(values, reduction="sum").cpu()
+        out = {n: float(total[1 + j]) if n in _COUNT_METRICS else float(total[1 + j]) / self.world
+               for j, n in enumerate(names)}
+        return total[0] / self.world, out
+
+    def wait(self) -> None:
+        if self.acc is not None and self.world > 1:
+            self.acc.wait_for_everyone()
+
+    def reseed(self, seed: int, step: int) -> None:
+        """Processes other than the main one restart their generators (LoRA dropout) at
+        every checkpoint from (seed, rank, step): the checkpoint holds the main process's
+        generators, so a resumed run continues exactly as the uninterrupted one."""
+        if self.world > 1 and not self.main:
+            seed_everything(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0]))
+
+
+def check_fsdp(model: nn.Module, device: torch.device) -> None:
+    """FSDP shards a backbone that does not fit one GPU; anything else is a mistake."""
+    if device.type != "cuda":
+        raise NetLLMError("accelerate config: FSDP shards a model over CUDA GPUs; this run is on "
+                          f"{device.type} (use DDP: accelerate launch --multi_gpu)")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    free = torch.cuda.get_device_properties(device).total_memory
+    if size * 4 < free:  # weights + activations + LoRA optimizer state fit with room to spare
+        raise NetLLMError(f"accelerate config: FSDP is for a model that does not fit one GPU; this one "
+                          f"({size / 2**30:.1f} GiB) fits ({free / 2**30:.0f} GiB): use DDP "
+                          "(accelerate launch --multi_gpu)")
+
+
+# --------------------------------------------------------------------------------------
 # The pieces of one step
 # --------------------------------------------------------------------------------------
 
@@ -245,27 +376,28 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 
 
 def _accumulate_gradients(
-    model: nn.Module,
+    procs: _Processes,
     get_batch: Callable[[int], Any],
-    loss_fn: Callable[[nn.Module, Any], Any],
     step: int,
     grad_accum: int,
 ) -> tuple[float, dict[str, float]]:
-    """Forward/backward over the step's ``grad_accum`` micro-batches.
+    """Forward/backward over the step's ``grad_accum`` micro-batches (of this process).
 
-    Returns the step's loss (mean over micro-batches) and its metrics, summed over the
-    micro-batches. Raises on a non-finite loss (before any update is made).
+    Returns the step's loss (mean over micro-batches and processes) and its metrics,
+    summed over the micro-batches. Raises on a non-finite loss (before any update is made).
     """
     loss_sum = torch.zeros(())
     step_metrics: dict[str, float] = {}
     for micro in range(grad_accum):
-        batch = get_batch((step - 1) * grad_accum + micro)
-        loss, metrics = _split_loss(loss_fn(model, batch), step)
-        (loss / grad_accum).backward()
+        batch = get_batch(procs.batch_index((step - 1) * grad_accum + micro))
+        with procs.no_sync(last=micro == grad_accum - 1):
+            loss, metrics = _split_loss(procs.loss(batch), step)
+            procs.backward(loss / grad_accum)
         loss_sum = loss_sum.to(loss.device) + loss.detach().float()
         for key, value in metrics.items():
             step_metrics[key] = step_metrics.get(key, 0.0) + value
-    loss_value = loss_sum.item() / grad_accum  # one sync per step
+    loss_all, step_metrics = procs.reduce(loss_sum, step_metrics)
+    loss_value = float(loss_all) / grad_accum  # one sync per step
     if not math.isfinite(loss_value):
         raise NetLLMError(f"loss is {loss_value} at step {step}; stopping (no update made)")
     return loss_value, step_metrics
@@ -302,12 +434,14 @@ def _run_eval(
 class _Reporter:
     """Where the loop reports: metrics.csv, TensorBoard, the progress bar, throughput."""
 
-    def __init__(self, out_dir: Path, config: TrainConfig, metrics_csv: _MetricsCsv,
+    def __init__(self, out_dir: Path, config: TrainConfig, metrics_csv: _MetricsCsv | None,
                  start_step: int, elapsed_before: float) -> None:
+        # metrics_csv None: a process other than the main one, which reports nothing
         self.config, self.metrics_csv, self.elapsed_before = config, metrics_csv, elapsed_before
-        self.writer = _open_tensorboard(out_dir, start_step) if config.tensorboard else None
+        main = metrics_csv is not None
+        self.writer = _open_tensorboard(out_dir, start_step) if config.tensorboard and main else None
         self.bar = tqdm(
-            total=config.steps, initial=start_step, disable=not config.progress,
+            total=config.steps, initial=start_step, disable=not (config.progress and main),
             desc="train", unit="step", dynamic_ncols=True,
         )
         self.t_start = time.perf_counter()
@@ -342,6 +476,8 @@ class _Reporter:
     def write(self, row: dict[str, Any]) -> None:
         """Write one row (CSV, TensorBoard) and start a new throughput interval."""
         self.interval_s, self.interval_counts = 0.0, dict.fromkeys(_COUNT_METRICS, 0.0)
+        if self.metrics_csv is None:
+            return
         self.metrics_csv.append(row)
         if self.writer is not None:
             for key, value in row.items():
@@ -392,23 +528,37 @@ def train(
     optimizer = make_optimizer(params, config)
     was_training = model.training
 
+    procs = _Processes(model, loss_fn, config)
+
     # -- start fresh or resume ---------------------------------------------------------
+    if procs.world > 1:  # the main process tidies an interrupted checkpoint swap first
+        if procs.main:
+            recover_checkpoint(out_dir)
+        procs.wait()
     resumed = resume_checkpoint(out_dir, model, optimizer, param_names,
                                 grad_accum=config.grad_accum, resume=resume)
     if resumed is None:
-        seed_everything(config.seed)
+        seed_everything(config.seed + procs.rank)
         start_step, last_loss, elapsed_before = 0, float("nan"), 0.0
     else:
+        if int(resumed.get("processes", 1)) != procs.world:
+            raise NetLLMError(
+                f"{out_dir / CHECKPOINT_DIRNAME} was written by a run of {resumed.get('processes', 1)} "
+                f"process(es), this one has {procs.world}; the batch indices would not line up, so "
+                "resume with the same number of processes")
         start_step, last_loss = int(resumed["step"]), float(resumed["loss"])
         elapsed_before = float(resumed["elapsed_s"])
+        procs.reseed(config.seed, start_step)
     ckpt = out_dir / CHECKPOINT_DIRNAME
-    metrics_csv = _MetricsCsv(out_dir / METRICS_FILENAME, keep_through_step=start_step)
+    metrics_csv = _MetricsCsv(out_dir / METRICS_FILENAME, keep_through_step=start_step) if procs.main else None
+    metrics_path = out_dir / METRICS_FILENAME
+    procs.wait()
     if start_step >= config.steps:
         log.info("checkpoint is at step %d >= steps=%d; nothing to do", start_step, config.steps)
-        return TrainResult(start_step, last_loss, metrics_csv.path, elapsed_before, ckpt)
+        return TrainResult(start_step, last_loss, metrics_path, elapsed_before, ckpt)
 
     # -- the steps ---------------------------------------------------------------------
-    trainer_state = new_trainer_state(param_names, asdict(config))
+    trainer_state = {**new_trainer_state(param_names, asdict(config)), "processes": procs.world}
     trainable = [p for _, p in params]
     report = _Reporter(out_dir, config, metrics_csv, start_step, elapsed_before)
     steps_done, ckpt_step = start_step, (start_step if resumed is not None else None)
@@ -417,7 +567,7 @@ def train(
         for step in range(start_step + 1, config.steps + 1):
             t_step = time.perf_counter()
             lr = _set_lr(optimizer, lr_at(step, config))
-            loss, metrics = _accumulate_gradients(model, get_batch, loss_fn, step, config.grad_accum)
+            loss, metrics = _accumulate_gradients(procs, get_batch, step, config.grad_accum)
             grad_norm = _clip_gradients(trainable, config.clip_grad_norm, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -430,15 +580,20 @@ def train(
             )
             if evaluate or is_last or step % config.log_every == 0:
                 row = report.row(step, loss, lr, grad_norm, means)
-                if evaluate:
+                if evaluate and procs.main:  # the other processes wait for it
                     assert eval_fn is not None
                     row.update({f"eval_{k}": v for k, v in _run_eval(model, eval_fn, step).items()})
                 report.write(row)
+                if evaluate:
+                    procs.wait()
             report.advance()
 
             if is_last or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 trainer_state.update(step=step, loss=loss, elapsed_s=report.elapsed())
-                save_checkpoint(out_dir, model, optimizer, trainer_state)
+                if procs.main:
+                    save_checkpoint(out_dir, model, optimizer, trainer_state)
+                procs.reseed(config.seed, step)
+                procs.wait()
                 ckpt_step = step
             if stop_after is not None and step >= stop_after:
                 log.info("stop_after=%d reached: stopping as if interrupted", stop_after)
@@ -450,7 +605,7 @@ def train(
     return TrainResult(
         steps_done=steps_done,
         final_loss=last_loss,
-        metrics_csv=metrics_csv.path,
+        metrics_csv=metrics_path,
         elapsed_s=report.elapsed(),
         checkpoint_dir=ckpt if ckpt_step is not None else None,
     )

@@ -177,9 +177,13 @@ def provenance() -> dict[str, Any]:
 
 def prepare_run_dir(out: str | os.PathLike[str], config: dict[str, Any]) -> Path:
     """Create ``runs/<name>/`` and snapshot the command's config with provenance."""
+    from netllm.train import is_main_process, wait_for_everyone
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", {"config": config, **provenance()})
+    if is_main_process():  # under `accelerate launch` the main process writes the run folder
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "config.json", {"config": config, **provenance()})
+    wait_for_everyone()
     return out
 
 
@@ -211,8 +215,9 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` picks cuda, then mps, then cpu; anything else must be available."""
     if device in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+        if torch.cuda.is_available():  # under `accelerate launch`: this process's GPU
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"])) if "LOCAL_RANK" in os.environ \
+                else torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -222,6 +227,8 @@ def resolve_device(device: str = "auto") -> torch.device:
         raise NetLLMError(f"--device: unknown device {device!r}; use auto, cpu, cuda or mps") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NetLLMError(f"--device: {device!r} requested but CUDA is not available")
+    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per launched process
     if dev.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):

@@ -101,6 +101,7 @@ class Task(ABC):
     higher_is_better: ClassVar[bool]
     summary: ClassVar[str] = ""  # one line for `netllm --help`
     has_demo: ClassVar[bool] = False  # `netllm demo` runs :meth:`demo`
+    parallel: ClassVar[bool] = False  # eval/collect spread work with netllm.parallel (--workers, --ray-address)
 
     # one typed options dataclass per command (the CLI is built from them)
     Recipe: ClassVar[type[Recipe]] = Recipe  # the adaptation's hyper-parameters

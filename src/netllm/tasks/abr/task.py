@@ -120,6 +120,35 @@ def run_episodes(policy: Any, traces: Sequence[Any], video: Any, seed: int, reco
     return Episodes(states=states, **arrays)
 
 
+def _play_shard(policy: Any, shard: range, traces: Sequence[Any], video: Any, seed: int, record: bool,
+                env_options: dict[str, Any]) -> Episodes:
+    """``run_episodes`` on the traces of ``shard``, each keeping its own random stream and
+    start position (its index in the whole set)."""
+    opts = dict(env_options)
+    if opts.get("start_indices") is not None:
+        opts["start_indices"] = [opts["start_indices"][i] for i in shard]
+    ids = list(opts.pop("trace_ids", None) or range(len(traces)))
+    return run_episodes(policy, [traces[i] for i in shard], video, seed, record=record,
+                        trace_ids=[ids[i] for i in shard], **opts)
+
+
+def play(policy: Any, traces: Sequence[Any], video: Any, seed: int, record: bool = False,
+         **env_options: Any) -> Episodes:
+    """:func:`run_episodes`, the traces cut into one shard per open worker
+    (``netllm.parallel``); the same episodes as one process for deterministic policies."""
+    from netllm import parallel
+
+    shards = parallel.split(len(traces))
+    if parallel.active() is None or len(shards) == 1:
+        return run_episodes(policy, traces, video, seed, record=record, **env_options)
+    parts = parallel.map(_play_shard, shards, parallel.shared_policy(policy), traces, video, seed, record,
+                         env_options)
+    states = ({k: np.concatenate([p.states[k] for p in parts]) for k in parts[0].states}
+              if record else None)
+    return Episodes(states=states, **{k: np.concatenate([getattr(p, k) for p in parts])
+                                      for k in ("qoe", "bitrate_mbps", "rebuffer_s", "smoothness_mbps", "levels")})
+
+
 # ----------------------------------------------------------------------------- NetLLM policy
 
 
@@ -195,7 +224,7 @@ def evaluate(policy: Any, traces: Sequence[Any], video: Any, seeds: Sequence[int
     parts: dict[str, list[float]] = {"bitrate_mbps": [], "rebuffer_s": [], "smoothness_mbps": []}
     rows: list[dict[str, Any]] = []
     for seed in seeds:
-        ep = run_episodes(policy, traces, video, seed, **env_options)
+        ep = play(policy, traces, video, seed, **env_options)
         per_seed[int(seed)] = float(ep.qoe.mean())
         for k in parts:
             parts[k].append(float(getattr(ep, k).mean()))
@@ -240,7 +269,7 @@ def collect_pool(policies: Sequence[str], traces: Sequence[Any], video: Any, see
     for name in policies:
         policy, episodes = policy_by_name(name), []
         for seed in seeds:
-            ep = run_episodes(policy, traces, video, seed, record=True)
+            ep = play(policy, traces, video, seed, record=True)
             assert ep.states is not None
             for i in range(len(traces)):
                 episodes.append({"states": {k: v[i] for k, v in ep.states.items()},
@@ -458,6 +487,7 @@ def load_pools(paths: Sequence[str | Path]) -> ExperiencePool:
 
 class ABRTask(Task):
     name = "abr"
+    parallel = True  # eval and collect take --workers / --ray-address
     kind = "decision"
     metric = "qoe"
     higher_is_better = True

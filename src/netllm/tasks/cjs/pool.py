@@ -22,6 +22,7 @@ int, ``action`` (N, 2) int = (stage_idx into the runnable stages, num_exec >= 1)
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import time
@@ -215,54 +216,73 @@ def collect_pool(policies: Sequence[str], seeds: Sequence[int], config: CJSConfi
     ``make``: the scheduler of each name in ``policies`` (default ``make_baseline``: the
     baselines; ``policy.make_policy`` also takes NetLLM adapter folders).
     """
+    from netllm import parallel
+
     draws, segment_s = pool_options(keep, draws, segment_s)
-    net = load_gnn(gnn)
-    made = {name: make(name, config) for name in policies}
+    made, net = _collect_context(policies, config, gnn, make)
     if segment_s > 0:
         for name, policy in made.items():
             if hasattr(policy, "observe"):  # return-conditioned: its context cannot be forked
                 raise NetLLMError(f"--segment: choose among the baseline schedulers, not {name}")
     plays = [(name, draw) for name in policies
              for draw in range(draws if getattr(made[name], "stochastic", True) else 1)]
-    episodes, kept = [], []
-    for seed in seeds:
-        if segment_s > 0:
-            t0 = time.perf_counter()
-            ep, jct, segments = record_best_segments(CJSEnv.from_config(config, templates=templates),
-                                                     [(made[n], d) for n, d in plays], net, seed,
-                                                     segment_s * 1000.0)
-            episodes.append(ep)
-            kept.append({"policy": "+".join(policies), "seed": int(seed), "draws": len(plays),
-                         "segments": segments, "avg_jct_s": jct})
-            if progress:
-                console.print(f"collected best of {len(plays)} every {segment_s:g} s, seed {seed}: "
-                              f"{len(ep['rewards'])} decisions, {segments} segments, avg JCT {jct:.2f} s, "
-                              f"{time.perf_counter() - t0:.1f} s")
-            continue
-        chosen = plays
-        if keep == "best" and len(plays) > 1:
-            returns = {}
-            for name, draw in plays:
-                ep, jct = record_episode(CJSEnv.from_config(config, templates=templates), made[name], None, seed, draw)
-                returns[(name, draw)] = float(ep["rewards"].sum())
-                if progress:
-                    console.print(f"  {name} seed {seed} draw {draw}: avg JCT {jct:.2f} s")
-            chosen = [max(plays, key=lambda p: returns[p])]
-        for name, draw in chosen:
-            env = CJSEnv.from_config(config, templates=templates)
-            t0 = time.perf_counter()
-            ep, jct = record_episode(env, made[name], net, seed, draw)
-            episodes.append(ep)
-            kept.append({"policy": name, "seed": int(seed), "draw": draw, "avg_jct_s": jct})
-            if progress:
-                console.print(f"collected {name} seed {seed} draw {draw}: {len(ep['rewards'])} decisions, "
-                              f"avg JCT {jct:.2f} s, return {ep['rewards'].sum() / RETURN_SCALE:.2f} (x1e6 ms), "
-                              f"{time.perf_counter() - t0:.1f} s")
+    # one job sequence per unit: on the open workers (netllm.parallel), each builds the
+    # schedulers and the GNN once; the pool is the same, in the order of the seeds
+    shared = parallel.Shared(functools.partial(_collect_context, policies, config, gnn, make), local=(made, net))
+    per_seed = parallel.map(_collect_seed, [int(s) for s in seeds], shared, plays, config, keep, segment_s,
+                            templates, progress)
+    episodes = [ep for eps, _ in per_seed for ep in eps]
+    kept = [k for _, ks in per_seed for k in ks]
     meta = {"task": "cjs", "policies": list(policies), "seeds": list(seeds), "gnn": gnn, "keep": keep,
             "draws": draws, "segment_s": segment_s, "episodes": kept,
             "jobs": config.num_jobs, "executors": config.num_executors, "arrival_rate": config.arrival_rate,
             "feature_version": FEATURE_VERSION, "reward": "negative job time between decisions (ms)"}
     return pool_from_episodes(episodes, meta)
+
+
+def _collect_context(policies: Sequence[str], config: CJSConfig, gnn: str,
+                     make: Callable[[str, CJSConfig], Any]) -> tuple[dict[str, Any], DecimaNet]:
+    """The schedulers of a collection and the frozen GNN that featurises its states."""
+    return {name: make(name, config) for name in policies}, load_gnn(gnn)
+
+
+def _collect_seed(context: tuple[dict[str, Any], DecimaNet], seed: int, plays: list[tuple[str, int]],
+                  config: CJSConfig, keep: str, segment_s: float, templates: Any,
+                  progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The recorded episodes of one job sequence, and what was kept of it."""
+    made, net = context
+    policies = list(dict.fromkeys(name for name, _ in plays))
+    if segment_s > 0:
+        t0 = time.perf_counter()
+        ep, jct, segments = record_best_segments(CJSEnv.from_config(config, templates=templates),
+                                                 [(made[n], d) for n, d in plays], net, seed, segment_s * 1000.0)
+        if progress:
+            console.print(f"collected best of {len(plays)} every {segment_s:g} s, seed {seed}: "
+                          f"{len(ep['rewards'])} decisions, {segments} segments, avg JCT {jct:.2f} s, "
+                          f"{time.perf_counter() - t0:.1f} s")
+        return [ep], [{"policy": "+".join(policies), "seed": seed, "draws": len(plays), "segments": segments,
+                       "avg_jct_s": jct}]
+    chosen = plays
+    if keep == "best" and len(plays) > 1:
+        returns = {}
+        for name, draw in plays:
+            ep, jct = record_episode(CJSEnv.from_config(config, templates=templates), made[name], None, seed, draw)
+            returns[(name, draw)] = float(ep["rewards"].sum())
+            if progress:
+                console.print(f"  {name} seed {seed} draw {draw}: avg JCT {jct:.2f} s")
+        chosen = [max(plays, key=lambda p: returns[p])]
+    episodes, kept = [], []
+    for name, draw in chosen:
+        env = CJSEnv.from_config(config, templates=templates)
+        t0 = time.perf_counter()
+        ep, jct = record_episode(env, made[name], net, seed, draw)
+        episodes.append(ep)
+        kept.append({"policy": name, "seed": seed, "draw": draw, "avg_jct_s": jct})
+        if progress:
+            console.print(f"collected {name} seed {seed} draw {draw}: {len(ep['rewards'])} decisions, "
+                          f"avg JCT {jct:.2f} s, return {ep['rewards'].sum() / RETURN_SCALE:.2f} (x1e6 ms), "
+                          f"{time.perf_counter() - t0:.1f} s")
+    return episodes, kept
 
 
 def check_pool(pool: ExperiencePool, path: Any) -> None:

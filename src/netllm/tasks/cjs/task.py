@@ -55,12 +55,24 @@ from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 console = Console()
 
 
+def _play_seeds(policy: Any, seeds: list[int], config: CJSConfig, envs: int | None) -> list[Any]:
+    return run_episodes(policy, seeds, config, envs=envs)
+
+
 def evaluate(policy: Any, seeds: list[int], config: CJSConfig = CJSConfig(), envs: int | None = None) -> Metrics:
     """One episode per seed, ``envs`` simulators side by side (default: every seed at
     once) with their decisions batched (``vec.run_episodes``); per-seed average JCT (s),
     one row per job."""
+    from netllm import parallel
+
     t0 = time.perf_counter()
-    played = run_episodes(policy, seeds, config, envs=envs)
+    shards = parallel.split(len(seeds))
+    if parallel.active() is None or len(shards) == 1:
+        played = run_episodes(policy, seeds, config, envs=envs)
+    else:  # seeds spread over the workers; every episode keeps its own streams
+        parts = parallel.map(_play_seeds, [[seeds[i] for i in shard] for shard in shards],
+                             parallel.shared_policy(policy), config, envs)
+        played = [r for part in parts for r in part]
     wall = time.perf_counter() - t0
     rows = [{"seed": r.seed, **job.as_dict()} for r in played for job in r.records]
     parts = {"events_per_s": sum(r.num_events for r in played) / wall if wall else float("nan"),
@@ -195,6 +207,7 @@ class CJSFinetuneOptions(FinetuneOptions):
 
 class CJSTask(Task):
     name = "cjs"
+    parallel = True  # eval and collect take --workers / --ray-address
     kind = "decision"
     metric = "jct_s"
     higher_is_better = False
