@@ -310,8 +310,12 @@ def _register(task: Any) -> None:
     if task.FinetuneOptions is not None:
         def run_finetune(common: dict[str, Any], options: Any) -> None:
             from netllm.finetune import check_run_folder, describe
+            from netllm.train import launched_processes
             from netllm.utils import resolve_device
 
+            if launched_processes() > 1:
+                raise NetLLMError("netllm finetune runs in one process (its rollouts and PPO updates are not "
+                                  "data-parallel yet); run it without accelerate launch")
             resolve_device(common["device"])
             out = _out(common["out"], f"{name}-finetune")
             check_run_folder(out, options, common["resume"])  # before anything is written
