@@ -161,7 +161,7 @@ _COMMON = {
     "device": (str, DEVICE),
     "resume": (bool, typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint.")),
     "workers": (Optional[int], typer.Option(None, "--workers", help="Spread the episodes over N Ray workers "
-                                                                    "(a local Ray; pip install 'netllm[ray]').")),
+                                                                    "(a local Ray; needs the ray extra of netllm).")),
     "ray_address": (Optional[str], typer.Option(None, "--ray-address", help="Run the workers on an existing "
                                                                             "Ray cluster (HOST:PORT or auto).")),
 }
