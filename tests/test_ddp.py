@@ -145,3 +145,16 @@ def test_accelerate_launch_runs_netllm_adapt(tiny_llama, real_data, tmp_path, mo
                           capture_output=True, text=True, timeout=300)
     assert bf16.returncode == 2 and "--dtype bf16" in bf16.stderr and "Traceback" not in bf16.stderr
     assert not (tmp_path / "b").exists()
+    # the shipped FSDP config on a CPU: one line per process, no run folder
+    fsdp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                          str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes",
+                          "2", "--main_process_port", str(_port()), "-m", "netllm", *args, "--out",
+                          str(tmp_path / "f")], capture_output=True, text=True, timeout=600)
+    assert fsdp.returncode != 0 and "FSDP shards a model over CUDA GPUs" in fsdp.stderr
+    assert not (tmp_path / "f").exists()
+
+
+def _port() -> int:
+    from netllm.serve.app import free_port
+
+    return free_port()

@@ -267,7 +267,11 @@ def _register(task: Any) -> None:
         from netllm.recipe import training_precision
         from netllm.utils import resolve_device
 
-        training_precision(recipe.dtype, resolve_device(common["device"]))  # --dtype bf16 on a CPU: refused here
+        from netllm.train import check_fsdp_device
+
+        device = resolve_device(common["device"])
+        training_precision(recipe.dtype, device)  # --dtype bf16 on a CPU: refused here, before any file
+        check_fsdp_device(device)  # an FSDP accelerate config on a CPU, too
         task.check_adapt(recipe)
         out = _out(common["out"], f"{name}-adapter")
         prepare_run_dir(out, {"command": f"adapt {name}", "resume": common["resume"], **recipe.to_dict()})

@@ -273,17 +273,17 @@ class _Processes:
         if launched_processes() == 1 and config.mixed_precision == "no":
             return
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+        from accelerate.utils import DistributedDataParallelKwargs
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if config.mixed_precision == "bf16" and device.type != "cuda":
             raise NetLLMError(f"--dtype bf16: autocast training needs a CUDA GPU; this run is on {device.type} "
                               "(use --dtype fp32)")
+        if fsdp_launched():
+            check_fsdp(model, device)  # before Accelerate, whose own FSDP errors are tracebacks
         self.acc = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
                                device_placement=False,
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-        if self.acc.distributed_type == DistributedType.FSDP:
-            check_fsdp(model, device)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.ddp = self.acc.prepare_model(_LossModule(model, loss_fn), device_placement=False)
 
@@ -336,11 +336,20 @@ class _Processes:
             seed_everything(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0]))
 
 
-def check_fsdp(model: nn.Module, device: torch.device) -> None:
-    """FSDP shards a backbone that does not fit one GPU; anything else is a mistake."""
-    if device.type != "cuda":
+def fsdp_launched() -> bool:
+    """Whether ``accelerate launch`` was given an FSDP configuration."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+
+
+def check_fsdp_device(device: torch.device) -> None:
+    if fsdp_launched() and device.type != "cuda":
         raise NetLLMError("accelerate config: FSDP shards a model over CUDA GPUs; this run is on "
                           f"{device.type} (use DDP: accelerate launch --multi_gpu)")
+
+
+def check_fsdp(model: nn.Module, device: torch.device) -> None:
+    """FSDP shards a backbone that does not fit one GPU; anything else is a mistake."""
+    check_fsdp_device(device)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     free = torch.cuda.get_device_properties(device).total_memory
     if size * 4 < free:  # weights + activations + LoRA optimizer state fit with room to spare
