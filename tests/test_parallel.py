@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from netllm import parallel
 from netllm.utils import NetLLMError
@@ -32,13 +33,28 @@ def two_workers():
     import ray.cloudpickle
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import tests/
+    before = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RAY_worker_niceness", "TOKENIZERS_PARALLELISM")}
     with parallel.workers(2) as pool:
+        pool.environ_before = before
         yield pool
 
 
-def test_split_covers_every_unit_once():
+def test_workers_get_one_thread_and_the_driver_keeps_its_environment(two_workers):
+    seen = parallel.map(_environ, [0, 1])
+    assert all(e["OMP_NUM_THREADS"] == os.environ.get("NETLLM_WORKER_THREADS", "1") for e in seen)
+    assert all(e["RAY_worker_niceness"] is None or e["RAY_worker_niceness"] == "0" for e in seen)
+    after = {k: os.environ.get(k) for k in two_workers.environ_before}
+    assert after == two_workers.environ_before  # ray.init's settings did not leak into the command
+
+
+def _environ(_: None, unit: int) -> dict[str, str | None]:
+    return {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "RAY_worker_niceness")}
+
+
+def test_split_covers_every_unit_once(monkeypatch):
     assert parallel.split(10, 3) == [range(0, 4), range(4, 7), range(7, 10)]
     assert parallel.split(2, 5) == [range(0, 1), range(1, 2)]
+    monkeypatch.setattr(parallel, "_ACTIVE", None)  # whatever a module fixture has open
     assert parallel.split(7) == [range(0, 7)]  # no workers open: one shard
     assert parallel.num_workers() == 1 and parallel.active() is None
 
@@ -126,6 +142,94 @@ def test_cjs_evaluation_and_pool_on_two_workers_equal_one_process(real_data, two
     np.testing.assert_array_equal(pool.actions, alone_pool.actions)
     for key in alone_pool.states:
         np.testing.assert_array_equal(pool.states[key], alone_pool.states[key])
+
+
+def _finetune_alone_and_spread(make_hooks, offline, task, seeds_of, tmp_path, two_workers):
+    """One PPO iteration in this process and one with rollouts + validation on the two
+    workers: the same episodes (returns, validation scores exactly) and the same weights
+    (up to the last bits of features computed in batches of another size)."""
+    from safetensors.torch import load_file
+
+    from netllm.finetune import FinetuneOptions, run_finetune
+    from netllm.model import NetLLM
+
+    def run(out):
+        options = FinetuneOptions(adapter=str(offline), iterations=1, envs=4, batch_size=4, lr=1e-3, epochs=1)
+        model = NetLLM.from_adapter(offline, task=task)
+        noise = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # away from the adapter's weights: the workers act only if the weights travel
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.05 * torch.randn(p.shape, generator=noise))
+        return run_finetune(model,
+                            NetLLM.from_adapter(offline, task=task, merge=True), make_hooks(), options, out,
+                            seeds_of=seeds_of, extra={"target_return": 30.0}, progress=False)
+
+    spread = run(tmp_path / "spread")
+    global_active = parallel._ACTIVE
+    parallel._ACTIVE = None
+    try:
+        alone = run(tmp_path / "alone")
+    finally:
+        parallel._ACTIVE = global_active
+    drop = ("wall_s", "rollout_s", "iteration_s")
+    rows = [[{k: v for k, v in r.items() if k not in drop} for r in _rows(folder / "metrics.csv")]
+            for folder in (spread, alone)]
+    assert len(rows[0]) == len(rows[1]) == 2  # the offline adapter's validation, iteration 1
+    for got, want in zip(*rows):
+        assert got.keys() == want.keys()
+        for key in want:  # the same episodes; the state features may differ in the last bit
+            if want[key] in ("", "True", "False"):
+                assert got[key] == want[key], key
+            else:
+                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-7), key
+        assert got["decisions"] == want["decisions"] and got["return"] == want["return"]
+        assert got[next(k for k in want if k.startswith("valid_"))] == want[next(k for k in want
+                                                                                 if k.startswith("valid_"))]
+    a, b = (load_file(str(f / "train" / "checkpoint" / "model.safetensors")) for f in (spread, alone))
+    # Adam turns last-bit differences of a near-zero gradient into up to one step (lr 1e-3)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=1e-3) for k in a)
+    assert sum(int((a[k] - b[k]).abs().gt(1e-6).sum()) for k in a) < 0.01 * sum(a[k].numel() for k in a)
+
+
+def test_abr_finetune_rollouts_on_two_workers_equal_one_process(tiny_llama, tmp_path, two_workers):
+    from netllm.model import NetLLM
+    from netllm.tasks.abr.online import ABROnline
+    from netllm.tasks.abr.task import model_config
+    from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
+
+    torch.manual_seed(0)
+    model = NetLLM(model_config(llm=tiny_llama, layers=2, rank=4, context=4))
+    offline = tmp_path / "offline"
+    model.save_adapter(offline, extra={"target_return": 30.0})
+    video = synthetic_video(seed=0, num_chunks=12)
+
+    def hooks():
+        return ABROnline(30.0, synthetic_traces(6, seed=3), [video], synthetic_traces(3, seed=9), video, envs=3,
+                         generated=2, high_mbps=30.0)
+
+    _finetune_alone_and_spread(hooks, offline, "abr", lambda it: [it], tmp_path, two_workers)
+
+
+def test_cjs_finetune_rollouts_on_two_workers_equal_one_process(tiny_llama, tmp_path, two_workers):
+    from netllm.model import NetLLM
+    from netllm.tasks.cjs.features import load_gnn
+    from netllm.tasks.cjs.jobs import synthetic_templates
+    from netllm.tasks.cjs.online import CJSOnline
+    from netllm.tasks.cjs.policy import model_config
+    from netllm.tasks.cjs.sim import CJSConfig
+
+    torch.manual_seed(0)
+    model = NetLLM(model_config(llm=tiny_llama, layers=2, rank=4, context=4, gnn="random"))
+    offline = tmp_path / "offline"
+    model.save_adapter(offline, extra={"target_return": -0.5, "recipe": {"decode": "sample"}})
+    train = CJSConfig(num_executors=10, num_jobs=4, arrival_rate=4e-4)
+    templates = synthetic_templates(6, seed=3)
+
+    def hooks():
+        return CJSOnline(load_gnn("random"), -0.5, train, train, [1001, 1002, 1003], templates=templates)
+
+    _finetune_alone_and_spread(hooks, offline, "cjs", lambda it: [500, 501, 502, 503], tmp_path, two_workers)
 
 
 def test_cli_eval_with_workers_writes_what_one_process_writes(real_data, tmp_path):

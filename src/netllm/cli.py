@@ -165,7 +165,7 @@ _COMMON = {
     "ray_address": (Optional[str], typer.Option(None, "--ray-address", help="Run the workers on an existing "
                                                                             "Ray cluster (HOST:PORT or auto).")),
 }
-PARALLEL = ("workers", "ray_address")  # eval and collect of a task with Task.parallel
+PARALLEL = ("workers", "ray_address")  # eval, collect and finetune of a task with Task.parallel
 
 
 def _workers(common: dict[str, Any]) -> Any:
@@ -323,13 +323,15 @@ def _register(task: Any) -> None:
             resolve_device(common["device"])
             out = _out(common["out"], f"{name}-finetune")
             check_run_folder(out, options, common["resume"])  # before anything is written
-            prepare_run_dir(out, {"command": f"finetune {name}", "resume": common["resume"], **options.to_dict()})
-            task.finetune(options, out, device=common["device"], resume=common["resume"])
+            with _workers(common):  # rollouts and validation episodes on the workers; the update here
+                prepare_run_dir(out, {"command": f"finetune {name}", "resume": common["resume"],
+                                      **options.to_dict()})
+                task.finetune(options, out, device=common["device"], resume=common["resume"])
             console.print(describe(out))
 
         finetune_app.command(name=name, help=f"Fine-tune an adapter online on {name} (PPO from the offline "
                                              "policy, KL-penalised towards it).")(
-            _typed_command(task.FinetuneOptions, ("out", "device", "resume"), run_finetune))
+            _typed_command(task.FinetuneOptions, ("out", "device", "resume", *parallel), run_finetune))
 
 
 @bench_app.command("foundation")

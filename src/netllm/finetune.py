@@ -27,6 +27,13 @@ environment is what can take a policy past them. Each iteration
 Everything an iteration draws is seeded by (seed, iteration) — rollout seeds, sampling
 streams, minibatch order, LoRA dropout — so ``--resume`` continues exactly where an
 interrupted run stopped. A task plugs in with three hooks (``OnlineHooks``).
+
+With ``--workers N`` / ``--ray-address`` (``netllm.parallel``) the rollouts and the
+validation episodes are spread over Ray workers: each worker builds a replica of the
+model once (from the offline adapter) and, at every call, takes the current trainable
+weights; the hooks cut their simulators into units (trace shards, job sequences) that
+keep their own random streams, so an iteration plays the same episodes as in one process.
+The PPO update stays in this process.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from netllm.checkpoint import new_trainer_state, resume_checkpoint, save_checkpoint, trainable_named_parameters
+from netllm.checkpoint import (load_trainable_state_dict, new_trainer_state, resume_checkpoint, save_checkpoint,
+                               trainable_named_parameters, trainable_state_dict)
 from netllm.heads import HeadSpec, build_head
 from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, read_adapter_config
 from netllm.options import Options, opt
@@ -106,14 +114,62 @@ class Rollout:
     cache: dict[str, Any] = field(default_factory=dict)  # the task's per-rollout helpers (window samplers)
 
 
+class Spread:
+    """Runs a hook's units of work — ``fn(hooks, model, unit, *args)`` for each unit,
+    results in the order of the units — in this process, or on the open Ray workers
+    (``netllm.parallel``), each holding a replica of the hooks and the model (built once
+    per worker from the offline ``adapter``) into which the current trainable weights are
+    copied first. ``fn`` must be a module-level function."""
+
+    def __init__(self, hooks: Any = None, adapter: str | Path | None = None, task: str | None = None) -> None:
+        from netllm import parallel
+
+        self.shared = None
+        if parallel.active() is not None and adapter is not None:
+            self.shared = parallel.Shared(_ReplicaBuilder(str(adapter), str(task), hooks),
+                                          key=f"finetune-replica:{id(self)}:{time.time_ns()}")
+
+    def __call__(self, hooks: Any, model: NetLLM, fn: Callable[..., Any], units: list[Any], *args: Any
+                 ) -> list[Any]:
+        from netllm import parallel
+
+        if self.shared is None or parallel.active() is None:
+            return [fn(hooks, model, unit, *args) for unit in units]
+        return parallel.map(_on_replica, units, self.shared, fn, trainable_state_dict(model), args)
+
+
+LOCAL = Spread()  # no workers: the hooks' default
+
+
+@dataclass
+class _ReplicaBuilder:
+    adapter: str
+    task: str
+    hooks: Any
+
+    def __call__(self) -> tuple[Any, NetLLM]:
+        model = NetLLM.from_adapter(self.adapter, task=self.task, device="cpu")
+        model.eval()
+        return self.hooks, model
+
+
+def _on_replica(context: tuple[Any, NetLLM], unit: Any, fn: Callable[..., Any], weights: dict[str, torch.Tensor],
+                args: tuple[Any, ...]) -> Any:
+    hooks, model = context
+    # the value head lives only in the trained model: the replica acts, it does not judge
+    load_trainable_state_dict(model, weights, strict=False)
+    return fn(hooks, model, unit, *args)
+
+
 class OnlineHooks(Protocol):
-    """What a task supplies to fine-tune its policy online."""
+    """What a task supplies to fine-tune its policy online. ``spread`` runs the hook's
+    units of work (shards of simulators) here or on the workers (:class:`Spread`)."""
 
     metric: str  # the validation metric (e.g. jct_s)
     higher_is_better: bool
 
-    def rollout(self, model: NetLLM, seeds: list[int]) -> Rollout:
-        """One sampled episode per seed, all at once (batched decisions)."""
+    def rollout(self, model: NetLLM, seeds: list[int], spread: Spread = LOCAL) -> Rollout:
+        """One sampled episode per simulator, all at once (batched decisions)."""
         ...
 
     def log_probs(self, model: NetLLM, rollout: Rollout, end_rows: np.ndarray
@@ -122,7 +178,7 @@ class OnlineHooks(Protocol):
         (B, K) of the logged actions, the hidden states (B, K, H) and the mask of real steps."""
         ...
 
-    def validate(self, model: NetLLM) -> float:
+    def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
         ...
 
 
@@ -237,21 +293,22 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
     history = _read_history(out) if resume else []
     history = [row for row in history if int(row["iteration"]) <= start]
     writer = _tensorboard(out)
+    spread = Spread(hooks, options.adapter, model.config.task)
     with Progress(TextColumn("[bold]finetune[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
                   "{task.total}"), TimeRemainingColumn(), disable=not progress) as bar:
         task_id = bar.add_task("", total=options.iterations, completed=start)
         if start == 0:  # the offline adapter is a candidate too: fine-tuning never keeps worse
             model.eval()
-            score = float(hooks.validate(model))
+            score = float(hooks.validate(model, spread))
             keeper.update(model, score, 0)
             history.append({"iteration": 0, f"valid_{hooks.metric}": score, "best": True,
                             "wall_s": time.perf_counter() - t0})
             _write_history(out, history)
         for it in range(start + 1, options.iterations + 1):
-            row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it))
+            row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it), spread)
             if it % options.valid_every == 0 or it == options.iterations:
                 model.eval()
-                row[f"valid_{hooks.metric}"] = float(hooks.validate(model))
+                row[f"valid_{hooks.metric}"] = float(hooks.validate(model, spread))
                 row["best"] = bool(keeper.update(model, row[f"valid_{hooks.metric}"], it))
             row["wall_s"] = time.perf_counter() - t0
             save_checkpoint(out / "train", model, optimizer,
@@ -273,12 +330,12 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
 
 
 def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: FinetuneOptions, it: int, k: int,
-               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], seeds: list[int]
-               ) -> dict[str, Any]:
+               optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], seeds: list[int],
+               spread: Spread = LOCAL) -> dict[str, Any]:
     torch.manual_seed(options.seed * 1_000_003 + it)  # LoRA dropout, anything the update draws
     t0 = time.perf_counter()
     model.eval()
-    roll = hooks.rollout(model, seeds)
+    roll = hooks.rollout(model, seeds, spread)
     rollout_s = time.perf_counter() - t0
     pool = roll.pool
     ends, score = tiles(pool, k)

@@ -24,7 +24,7 @@ import functools
 import os
 import socket
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Sequence
 
 from netllm.utils import NetLLMError
@@ -190,11 +190,12 @@ class Workers:
         if not ray.is_initialized():
             try:
                 if self.address is None:
-                    os.environ.update(env)  # a local Ray's workers inherit this process's environment
-                    # they do the command's own work: at its priority, not Ray's default nice 15
-                    os.environ.setdefault("RAY_worker_niceness", "0")
-                    ray.init(num_cpus=self.size, include_dashboard=False, log_to_driver=True,
-                             logging_level="ERROR")
+                    # a local Ray's workers inherit the environment at ray.init; they do the
+                    # command's own work: at its priority, not Ray's default nice 15. The
+                    # driver's own environment is restored afterwards (its thread count stays).
+                    with _environment({**env, "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "0")}):
+                        ray.init(num_cpus=self.size, include_dashboard=False, log_to_driver=True,
+                                 logging_level="ERROR")
                 else:
                     ray.init(address=self.address, logging_level="ERROR", runtime_env={"env_vars": env})
                 self._started = True
@@ -208,7 +209,8 @@ class Workers:
 
     def run(self, fn: Callable[..., Any], units: list[Any], shared: Shared | None, args: tuple[Any, ...]) -> list[Any]:
         ray = self.ray
-        shared_ref = [ray.put(shared)] if shared is not None else [None]
+        # the driver's own copy (``local``: a whole model, perhaps) does not travel
+        shared_ref = [ray.put(replace(shared, local=_UNSET))] if shared is not None else [None]
         key = shared.key if shared is not None else None
         futures = [self.actors[i % self.size].run.remote(fn, key, shared_ref, unit, args)
                    for i, unit in enumerate(units)]
@@ -226,6 +228,21 @@ class Workers:
         self.actors = []
         if self._started:
             self.ray.shutdown()
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` set in ``os.environ`` for the block, the previous state restored after."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextlib.contextmanager

@@ -325,8 +325,8 @@ class _Processes:
         return total[0] / self.world, out
 
     def wait(self) -> None:
-        if self.acc is not None and self.world > 1:
-            self.acc.wait_for_everyone()
+        if self.world > 1:
+            wait_for_everyone()
 
     def reseed(self, seed: int, step: int) -> None:
         """Processes other than the main one restart their generators (LoRA dropout) at

@@ -12,6 +12,7 @@ the idea behind GENET's and UDR's randomised training environments), all in lock
 (``BatchABREnv``), the policy sampling its levels through the batched decision path. A
 decision's return-to-go is the target minus the QoE earned before it, as at run time.
 Validation: mean QoE on ``--valid-traces`` (default ``fcc-holdout``, which no pool plays).
+With ``--workers`` both are cut into trace shards played on the Ray workers (``Spread``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from netllm.finetune import Rollout
+from netllm import parallel
+from netllm.finetune import LOCAL, Rollout, Spread
 from netllm.model import NetLLM
 from netllm.rl import ExperiencePool, WindowSampler, decision_hidden
-from netllm.tasks.abr.task import NetLLMABRPolicy, evaluate, run_episodes
+from netllm.tasks.abr.task import NetLLMABRPolicy, play_shard, concat_episodes
 from netllm.tasks.abr.traces import synthetic_traces
 
 
@@ -42,16 +44,16 @@ class ABROnline:
         self.valid_video = valid_video
         self.envs, self.generated, self.low_mbps, self.high_mbps = envs, generated, low_mbps, high_mbps
 
-    def rollout(self, model: NetLLM, seeds: list[int]) -> Rollout:
+    def rollout(self, model: NetLLM, seeds: list[int], spread: Spread = LOCAL) -> Rollout:
         seed = int(seeds[0])
         rng = np.random.default_rng(seed)
         picked = [self.traces[i] for i in rng.choice(len(self.traces), size=min(self.envs, len(self.traces)),
                                                      replace=False)]
         if self.generated:
             picked += synthetic_traces(self.generated, seed=seed, low_mbps=self.low_mbps, high_mbps=self.high_mbps)
-        policy = NetLLMABRPolicy(model, self.target, sample=True, name="netllm-online")
         video = self.videos[seed % len(self.videos)]  # the iterations alternate the videos
-        ep = run_episodes(policy, picked, video, seed, record=True, noise=True, random_start=True)
+        # shards of traces (one per worker), each trace with its own streams
+        ep = concat_episodes(spread(self, model, _rollout_shard, parallel.split(len(picked)), picked, video, seed))
         assert ep.states is not None
         episodes = [{"states": {k: v[i] for k, v in ep.states.items()}, "actions": ep.levels[i],
                      "rewards": ep.qoe[i]} for i in range(len(picked))]
@@ -76,5 +78,17 @@ class ABROnline:
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp, entropy, hidden, batch.mask.to(model.device)
 
-    def validate(self, model: NetLLM) -> float:
-        return evaluate(NetLLMABRPolicy(model, self.target), self.valid, self.valid_video, [1]).mean
+    def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
+        """Mean per-chunk QoE on the validation traces (``evaluate``'s, seed 1)."""
+        parts = spread(self, model, _valid_shard, parallel.split(len(self.valid)), self.valid, self.valid_video)
+        return float(np.concatenate(parts).mean())
+
+
+def _rollout_shard(hooks: ABROnline, model: NetLLM, shard: range, traces: Sequence[Any], video: Any,
+                   seed: int) -> Any:
+    policy = NetLLMABRPolicy(model, hooks.target, sample=True, name="netllm-online")
+    return play_shard(policy, shard, traces, video, seed, True, {"noise": True, "random_start": True})
+
+
+def _valid_shard(hooks: ABROnline, model: NetLLM, shard: range, traces: Sequence[Any], video: Any) -> np.ndarray:
+    return play_shard(NetLLMABRPolicy(model, hooks.target), shard, traces, video, 1, False, {}).qoe

@@ -120,8 +120,8 @@ def run_episodes(policy: Any, traces: Sequence[Any], video: Any, seed: int, reco
     return Episodes(states=states, **arrays)
 
 
-def _play_shard(policy: Any, shard: range, traces: Sequence[Any], video: Any, seed: int, record: bool,
-                env_options: dict[str, Any]) -> Episodes:
+def play_shard(policy: Any, shard: range, traces: Sequence[Any], video: Any, seed: int, record: bool,
+               env_options: dict[str, Any]) -> Episodes:
     """``run_episodes`` on the traces of ``shard``, each keeping its own random stream and
     start position (its index in the whole set)."""
     opts = dict(env_options)
@@ -141,10 +141,14 @@ def play(policy: Any, traces: Sequence[Any], video: Any, seed: int, record: bool
     shards = parallel.split(len(traces))
     if parallel.active() is None or len(shards) == 1:
         return run_episodes(policy, traces, video, seed, record=record, **env_options)
-    parts = parallel.map(_play_shard, shards, parallel.shared_policy(policy), traces, video, seed, record,
-                         env_options)
+    return concat_episodes(parallel.map(play_shard, shards, parallel.shared_policy(policy), traces, video, seed,
+                                        record, env_options))
+
+
+def concat_episodes(parts: Sequence[Episodes]) -> Episodes:
+    """Shards of traces (:func:`play_shard`) back into one :class:`Episodes`, in order."""
     states = ({k: np.concatenate([p.states[k] for p in parts]) for k in parts[0].states}
-              if record else None)
+              if parts[0].states is not None else None)
     return Episodes(states=states, **{k: np.concatenate([getattr(p, k) for p in parts])
                                       for k in ("qoe", "bitrate_mbps", "rebuffer_s", "smoothness_mbps", "levels")})
 
@@ -174,7 +178,10 @@ class NetLLMABRPolicy:
         self.inc = IncrementalPolicy(self.model, target=self.target, batch_size=env.num_envs,
                                      use_cache=self.use_cache)
         self.last_levels = None
-        self.rng = torch.Generator().manual_seed(int(seed))
+        # one sampling stream per trace (by its id, as the environment's own noise): a
+        # trace's episode does not depend on which traces play beside it
+        ids = getattr(env, "trace_ids", range(env.num_envs))
+        self.rngs = [np.random.default_rng([int(seed), int(t), 1]) for t in ids]
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, info: dict[str, np.ndarray]) -> np.ndarray:
@@ -184,8 +191,10 @@ class NetLLMABRPolicy:
         states = {k: torch.from_numpy(v) for k, v in obs_states(obs).items()}
         logits = self.model.heads["action"](self.inc.decide(states))
         if self.sample:
-            probs = torch.softmax(logits.float().cpu(), dim=-1)
-            levels = torch.multinomial(probs, 1, generator=self.rng)[:, 0]
+            probs = torch.softmax(logits.double().cpu(), dim=-1).numpy()
+            u = np.array([rng.random() for rng in self.rngs])[:, None]
+            # inverse CDF: the first level whose cumulative probability exceeds u
+            levels = torch.from_numpy(np.minimum((np.cumsum(probs, -1) <= u).sum(-1), probs.shape[-1] - 1))
         else:
             levels = logits.argmax(-1).cpu()
         self.last_levels = levels.numpy().astype(np.int64)

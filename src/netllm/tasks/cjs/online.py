@@ -9,7 +9,8 @@ samples from its heads (temperature 1, as it was imitating Decima), through the 
 decision path (``vec.run_episodes``). Each decision becomes a pool row (``pool.py``'s
 layout) with the return-to-go it was conditioned on. Validation: the mean JCT on the
 ``--valid-seeds`` job sequences (default 1001-1010, apart from the test seeds 1-10), with
-Decima on the same sequences for the paired reference.
+Decima on the same sequences for the paired reference. With ``--workers`` both are
+cut into shards of job sequences played on the Ray workers (``Spread``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from netllm.finetune import Rollout
+from netllm import parallel
+from netllm.finetune import LOCAL, Rollout, Spread
 from netllm.model import NetLLM
 from netllm.rl import decision_hidden
 from netllm.tasks.cjs.decima import DecimaNet
@@ -88,15 +90,16 @@ class CJSOnline:
     def policy(self, model: NetLLM) -> NetLLMCJSPolicy:
         return NetLLMCJSPolicy(model, self.target, self.gnn, temperature=1.0, name="netllm-online")
 
-    def rollout(self, model: NetLLM, seeds: list[int]) -> Rollout:
-        rec = _Recorder(self.policy(model))
-        results = run_episodes(rec, seeds, self.train, templates=self.templates)
-        episodes = [rec.episodes[s] for s in seeds]
+    def rollout(self, model: NetLLM, seeds: list[int], spread: Spread = LOCAL) -> Rollout:
+        # job sequences in shards (one per worker); every simulator keeps its own streams
+        parts = spread(self, model, _rollout_seeds, [[seeds[i] for i in shard] for shard in parallel.split(len(seeds))])
+        episodes = [ep for part, _ in parts for ep in part]
+        jcts = [j for _, part in parts for j in part]
         pool = pool_from_episodes([_episode(ep["features"], ep["actions"], ep["rewards"]) for ep in episodes],
                                   meta={"task": "cjs", "policies": ["netllm-online"], "seeds": seeds,
                                         "feature_version": FEATURE_VERSION, "executors": self.train.num_executors})
         rtg = np.concatenate([np.asarray(ep["rtg"], dtype=np.float32) for ep in episodes])
-        return Rollout(pool, rtg, {"jct_s": float(np.mean([r.avg_jct_s for r in results]))})
+        return Rollout(pool, rtg, {"jct_s": float(np.mean(jcts))})
 
     def log_probs(self, model: NetLLM, rollout: Rollout, end_rows: np.ndarray
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,6 +127,19 @@ class CJSOnline:
         entropy = _entropy(stage_lp) + _entropy(exec_lp)
         return logp, entropy, hidden, real
 
-    def validate(self, model: NetLLM) -> float:
-        results = run_episodes(self.policy(model), self.valid_seeds, self.valid, templates=self.templates)
-        return float(np.mean([r.avg_jct_s for r in results]))
+    def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
+        seeds = self.valid_seeds
+        parts = spread(self, model, _valid_seeds, [[seeds[i] for i in shard] for shard in parallel.split(len(seeds))])
+        return float(np.mean([j for part in parts for j in part]))
+
+
+def _rollout_seeds(hooks: CJSOnline, model: NetLLM, seeds: list[int]) -> tuple[list[dict[str, Any]], list[float]]:
+    """Sampled episodes on ``seeds`` with every decision recorded; their mean JCTs."""
+    rec = _Recorder(hooks.policy(model))
+    results = run_episodes(rec, seeds, hooks.train, templates=hooks.templates)
+    return [rec.episodes[s] for s in seeds], [float(r.avg_jct_s) for r in results]
+
+
+def _valid_seeds(hooks: CJSOnline, model: NetLLM, seeds: list[int]) -> list[float]:
+    results = run_episodes(hooks.policy(model), seeds, hooks.valid, templates=hooks.templates)
+    return [float(r.avg_jct_s) for r in results]
