@@ -3,7 +3,7 @@
 loop against the upstream-style one (batch 1).
 
     NETLLM_DATA=../shared/data .venv/bin/python benchmarks/scale_out.py \\
-        [--adapter runs/cjs-d48] [--stages collect,eval,ddp,upstream] [--out runs/scale-out.json]
+        [--adapter runs/cjs-d48] [--stages collect,eval,ddp,upstream,finetune] [--out runs/scale-out.json]
 
 Stages (every pair on the same work, one after the other, nothing else asked of the cores):
 
@@ -18,6 +18,12 @@ Stages (every pair on the same work, one after the other, nothing else asked of 
 * ``upstream`` — the same adaptation in one process, batch 16 vs the upstream loop's batch
   of 1 (16 micro-batches per step: the same samples per step, each window's context
   recomputed on its own, as upstream NetLLM's run_plm.py trains).
+* ``finetune`` — ``netllm finetune cjs`` from ``--adapter`` (default: a short adaptation
+  of SmolLM2 cut to 4 layers on a 2-sequence Decima pool, built here — the rollouts' cost
+  does not depend on how well it was trained): ``--iterations`` PPO iterations of 8
+  50-job episodes, validation on seeds 1001-1004 (100 jobs), in one process of 1 thread,
+  one of 2 threads, and with ``--workers 2`` (1 thread each); wall times and the rollout
+  seconds from metrics.csv; the iterations' rows must agree (same decisions and returns).
 """
 
 from __future__ import annotations
@@ -148,12 +154,58 @@ def training_stages(args: argparse.Namespace, report: dict[str, Any]) -> None:
                           f"({ours / upstream:.2f}x)")
 
 
+def _finetune(adapter: Path, out: Path, iterations: int, threads: int, workers: int = 0) -> tuple[float, list]:
+    cmd = [sys.executable, "-m", "netllm", "finetune", "cjs", "--adapter", str(adapter), "--out", str(out),
+           "--iterations", str(iterations), "--envs", "8", "--jobs", "50", "--valid-seeds", "1001-1004",
+           "--device", "cpu"]
+    if workers:
+        cmd += ["--workers", str(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "NETLLM_WORKER_THREADS": "1"}
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"finetune failed: {done.stderr[-2000:]}")
+    with open(out / "metrics.csv") as f:
+        return wall, list(csv.DictReader(f))
+
+
+def finetune_stage(args: argparse.Namespace, report: dict[str, Any]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        adapter = args.adapter
+        if adapter is None:
+            for cmd in (["collect", "cjs", "--policy", "decima", "--seeds", "101-102", "--out", str(root / "pool")],
+                        ["adapt", "cjs", "--pool", str(root / "pool"), "--layers", "4", "--steps", "20",
+                         "--warmup-steps", "0", "--device", "cpu", "--out", str(root / "offline")]):
+                done = subprocess.run([sys.executable, "-m", "netllm", *cmd], capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise SystemExit(f"{cmd[0]} failed: {done.stderr[-2000:]}")
+            adapter = root / "offline"
+        runs = {name: _finetune(Path(adapter), root / name, args.iterations, threads, workers)
+                for name, threads, workers in (("one_process_1_thread", 1, 0), ("one_process_2_threads", 2, 0),
+                                               ("two_workers", 1, 2))}
+        same = ("decisions", "return")
+        agree = all([{k: r[k] for k in same if k in r} for r in rows] ==
+                    [{k: r[k] for k in same if k in r} for r in runs["one_process_1_thread"][1]]
+                    for _, rows in runs.values())
+        report["finetune"] = {"adapter": str(args.adapter or "short adaptation (20 steps, 4 layers)"),
+                              "iterations": args.iterations, "identical_rollouts": bool(agree)}
+        one = runs["one_process_1_thread"][0]
+        for name, (wall, rows) in runs.items():
+            rollout = sum(float(r["rollout_s"]) for r in rows if r.get("rollout_s"))
+            report["finetune"][name] = {"wall_s": wall, "rollout_s": rollout, "speedup": one / wall}
+            console.print(f"finetune {name}: {wall:.1f} s (rollouts {rollout:.1f} s, {one / wall:.2f}x)")
+        console.print(f"finetune: rollouts identical: {agree}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", default=None, help="A CJS adapter for the eval stage (default: Decima).")
-    ap.add_argument("--stages", default="collect,eval,ddp,upstream")
+    ap.add_argument("--stages", default="collect,eval,ddp,upstream,finetune")
     ap.add_argument("--collect-seeds", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--iterations", type=int, default=1, help="PPO iterations of the finetune stage.")
     ap.add_argument("--out", type=Path, default=Path("runs/scale-out.json"))
     args = ap.parse_args()
     args.stages = set(args.stages.split(","))
@@ -162,6 +214,8 @@ def main() -> None:
         ray_stages(args, report)
     if args.stages & {"ddp", "upstream"}:
         training_stages(args, report)
+    if "finetune" in args.stages:
+        finetune_stage(args, report)
     atomic_write_json(args.out, report)
     console.print(f"written {args.out}")
 
