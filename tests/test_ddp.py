@@ -158,3 +158,76 @@ def _port() -> int:
     from netllm.serve.app import free_port
 
     return free_port()
+
+
+# PPO fine-tuning of a tiny ABR adapter; argv: offline_adapter out batch_size iterations resume(0/1)
+FINETUNE = '''
+import sys
+from netllm.finetune import FinetuneOptions, run_finetune
+from netllm.model import NetLLM
+from netllm.tasks.abr.online import ABROnline
+from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
+
+offline, out, batch, iterations, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+video = synthetic_video(seed=0, num_chunks=12)
+hooks = ABROnline(30.0, synthetic_traces(6, seed=3), [video], synthetic_traces(4, seed=9), video, envs=4,
+                  generated=2, high_mbps=30.0)
+options = FinetuneOptions(adapter=offline, iterations=iterations, envs=4, batch_size=batch, lr=1e-3, epochs=2)
+run_finetune(NetLLM.from_adapter(offline, task="abr"), NetLLM.from_adapter(offline, task="abr", merge=True), hooks,
+             options, out, seeds_of=lambda it: [it], extra={"target_return": 30.0}, resume=resume, progress=False)
+'''
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_finetune_on_two_processes_follows_one_process_with_twice_the_batch(tiny_llama, tmp_path):
+    """PPO under `accelerate launch` (2 processes, batch b): the rollouts and validation
+    episodes are shared among the processes and every process gets all of them; the
+    minibatches of 2b windows are cut in two with DDP averaging the gradients. The same
+    episodes and statistics as one process with batch 2b, the same weights up to float
+    rounding; an interrupted 2-process run resumes to the same weights; resuming it in
+    one process is refused."""
+    from netllm.model import NetLLM
+    from netllm.tasks.abr.task import model_config
+
+    torch.manual_seed(0)
+    offline = tmp_path / "offline"
+    NetLLM(model_config(llm=tiny_llama, layers=2, rank=4, context=4)).save_adapter(
+        offline, extra={"target_return": 30.0})
+    script = tmp_path / "ppo.py"
+    script.write_text(FINETUNE)
+    _run([sys.executable, str(script), str(offline), "one", "8", "2", "0"], tmp_path)
+    _run(ACCELERATE + [str(script), str(offline), "two", "4", "2", "0"], tmp_path)
+    drop = ("wall_s", "rollout_s", "iteration_s")
+    one, two = ([{k: v for k, v in r.items() if k not in drop} for r in _csv_rows(tmp_path / d / "metrics.csv")]
+                for d in ("one", "two"))
+    assert len(one) == len(two) == 3  # the offline adapter's validation, iterations 1 and 2
+    for want, got in zip(one, two):
+        assert got.keys() == want.keys()
+        assert got["decisions"] == want["decisions"] and got["return"] == want["return"]
+        for key in want:
+            if want[key] in ("", "True", "False"):
+                assert got[key] == want[key], key
+            else:
+                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
+    w1, w2 = _weights(tmp_path / "one" / "train"), _weights(tmp_path / "two" / "train")
+    assert w1.keys() == w2.keys() and any("value" in k for k in w1)
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=0, atol=1e-4)
+    assert float(one[1]["kl"]) > 0 and float(one[2]["clip_frac"]) >= 0  # the policy moved off the offline one
+    state = json.loads((tmp_path / "two" / "train" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 2 and state["config"]["processes"] == 2
+    assert (tmp_path / "two" / "adapter_config.json").is_file()
+
+    # 1 iteration, then resumed to 2 under 2 processes: the uninterrupted run's weights
+    _run(ACCELERATE + [str(script), str(offline), "cut", "4", "1", "0"], tmp_path)
+    _run(ACCELERATE + [str(script), str(offline), "cut", "4", "2", "1"], tmp_path)
+    cut = _weights(tmp_path / "cut" / "train")
+    for name in w2:
+        torch.testing.assert_close(cut[name], w2[name], rtol=0, atol=1e-6)
+    alone = subprocess.run([sys.executable, str(script), str(offline), "cut", "4", "3", "1"], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=300)
+    assert alone.returncode != 0 and "differs in processes" in alone.stderr

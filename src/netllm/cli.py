@@ -314,12 +314,12 @@ def _register(task: Any) -> None:
     if task.FinetuneOptions is not None:
         def run_finetune(common: dict[str, Any], options: Any) -> None:
             from netllm.finetune import check_run_folder, describe
-            from netllm.train import launched_processes
+            from netllm.train import is_main_process, launched_processes
             from netllm.utils import resolve_device
 
-            if launched_processes() > 1:
-                raise NetLLMError("netllm finetune runs in one process (its rollouts and PPO updates are not "
-                                  "data-parallel yet); run it without accelerate launch")
+            if launched_processes() > 1 and (common.get("workers") is not None or common.get("ray_address")):
+                raise NetLLMError("--workers/--ray-address: under accelerate launch the launched processes share "
+                                  "the rollouts; use one or the other")
             resolve_device(common["device"])
             out = _out(common["out"], f"{name}-finetune")
             check_run_folder(out, options, common["resume"])  # before anything is written
@@ -327,7 +327,8 @@ def _register(task: Any) -> None:
                 prepare_run_dir(out, {"command": f"finetune {name}", "resume": common["resume"],
                                       **options.to_dict()})
                 task.finetune(options, out, device=common["device"], resume=common["resume"])
-            console.print(describe(out))
+            if is_main_process():  # once, under accelerate launch
+                console.print(describe(out))
 
         finetune_app.command(name=name, help=f"Fine-tune an adapter online on {name} (PPO from the offline "
                                              "policy, KL-penalised towards it).")(

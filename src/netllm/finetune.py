@@ -34,6 +34,14 @@ model once (from the offline adapter) and, at every call, takes the current trai
 weights; the hooks cut their simulators into units (trace shards, job sequences) that
 keep their own random streams, so an iteration plays the same episodes as in one process.
 The PPO update stays in this process.
+
+Under ``accelerate launch -m netllm finetune`` (N processes or GPUs) each process plays its
+share of the units and every process gets the whole rollout (``Processes.gather``); the
+no-gradient pass is split over the processes too, and each PPO minibatch of
+``batch_size × N`` windows is cut among them with DDP averaging the gradients, every
+process's loss a sum over its steps divided by the minibatch's step count, so that N
+processes with ``--batch-size b`` take the steps of one process with ``--batch-size N·b``.
+Only the main process writes files (adapter, checkpoint, metrics).
 """
 
 from __future__ import annotations
@@ -116,23 +124,37 @@ class Rollout:
 
 class Spread:
     """Runs a hook's units of work — ``fn(hooks, model, unit, *args)`` for each unit,
-    results in the order of the units — in this process, or on the open Ray workers
+    results in the order of the units — in this process, on the open Ray workers
     (``netllm.parallel``), each holding a replica of the hooks and the model (built once
     per worker from the offline ``adapter``) into which the current trainable weights are
-    copied first. ``fn`` must be a module-level function."""
+    copied first, or, under ``accelerate launch``, shared among the launched processes
+    (``procs``: each plays units ``rank, rank + N, ...`` and all get every result).
+    ``fn`` must be a module-level function; ``split(n)`` cuts n simulators into units."""
 
-    def __init__(self, hooks: Any = None, adapter: str | Path | None = None, task: str | None = None) -> None:
+    def __init__(self, hooks: Any = None, adapter: str | Path | None = None, task: str | None = None,
+                 procs: Any = None) -> None:
         from netllm import parallel
 
         self.shared = None
-        if parallel.active() is not None and adapter is not None:
+        self.procs = procs if procs is not None and procs.world > 1 else None
+        if self.procs is None and parallel.active() is not None and adapter is not None:
             self.shared = parallel.Shared(_ReplicaBuilder(str(adapter), str(task), hooks),
                                           key=f"finetune-replica:{id(self)}:{time.time_ns()}")
+
+    def split(self, n: int) -> list[range]:
+        """``range(n)`` in contiguous units, one per worker or launched process."""
+        from netllm import parallel
+
+        return parallel.split(n, self.procs.world if self.procs is not None else None)
 
     def __call__(self, hooks: Any, model: NetLLM, fn: Callable[..., Any], units: list[Any], *args: Any
                  ) -> list[Any]:
         from netllm import parallel
 
+        if self.procs is not None:
+            world, rank = self.procs.world, self.procs.rank
+            mine = [(i, fn(hooks, model, units[i], *args)) for i in range(rank, len(units), world)]
+            return [result for _, result in sorted(self.procs.gather(mine), key=lambda pair: pair[0])]
         if self.shared is None or parallel.active() is None:
             return [fn(hooks, model, unit, *args) for unit in units]
         return parallel.map(_on_replica, units, self.shared, fn, trainable_state_dict(model), args)
@@ -246,8 +268,12 @@ def _window_rows(ends: np.ndarray, k: int) -> np.ndarray:
 
 def run_config(options: FinetuneOptions) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one (all but ``iterations``)."""
+    from netllm.train import launched_processes
+
     config = {"grad_accum": 1, **asdict(options), "adapter": str(Path(options.adapter).resolve())}
     config.pop("iterations")
+    if launched_processes() > 1:  # N processes take minibatches of N x batch_size: another run
+        config["processes"] = launched_processes()
     return config
 
 
@@ -276,6 +302,8 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
     best-on-validation adapter goes to ``out``. ``seeds_of(i)`` gives iteration i's rollout seeds."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from netllm.train import Processes
+
     out = Path(out)
     ensure_value_head(model, options.seed)
     k = model.config.rl.context_steps
@@ -287,35 +315,39 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
     (out / "train").mkdir(parents=True, exist_ok=True)
     state = resume_checkpoint(out / "train", model, optimizer, names, grad_accum=1, resume=resume)
     start = int(state["step"]) if state else 0
+    procs = Processes(model, _ppo_loss)  # after the weights are final: DDP starts from rank 0's
     t0 = time.perf_counter()
     keeper = BestAdapter(out, hooks.metric, hooks.higher_is_better, resume=resume,
                          extra=lambda: {**extra, "finetune": {**asdict(options), "seconds": time.perf_counter() - t0}})
     history = _read_history(out) if resume else []
     history = [row for row in history if int(row["iteration"]) <= start]
-    writer = _tensorboard(out)
-    spread = Spread(hooks, options.adapter, model.config.task)
+    writer = _tensorboard(out) if procs.main else None
+    spread = Spread(hooks, options.adapter, model.config.task, procs)
     with Progress(TextColumn("[bold]finetune[/bold] {task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                  "{task.total}"), TimeRemainingColumn(), disable=not progress) as bar:
+                  "{task.total}"), TimeRemainingColumn(), disable=not (progress and procs.main)) as bar:
         task_id = bar.add_task("", total=options.iterations, completed=start)
         if start == 0:  # the offline adapter is a candidate too: fine-tuning never keeps worse
             model.eval()
             score = float(hooks.validate(model, spread))
-            keeper.update(model, score, 0)
-            history.append({"iteration": 0, f"valid_{hooks.metric}": score, "best": True,
-                            "wall_s": time.perf_counter() - t0})
-            _write_history(out, history)
+            if procs.main:
+                keeper.update(model, score, 0)
+                history.append({"iteration": 0, f"valid_{hooks.metric}": score, "best": True,
+                                "wall_s": time.perf_counter() - t0})
+                _write_history(out, history)
         for it in range(start + 1, options.iterations + 1):
-            row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it), spread)
+            row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it), spread, procs)
             if it % options.valid_every == 0 or it == options.iterations:
                 model.eval()
                 row[f"valid_{hooks.metric}"] = float(hooks.validate(model, spread))
-                row["best"] = bool(keeper.update(model, row[f"valid_{hooks.metric}"], it))
+                row["best"] = bool(keeper.update(model, row[f"valid_{hooks.metric}"], it)) if procs.main else False
             row["wall_s"] = time.perf_counter() - t0
-            save_checkpoint(out / "train", model, optimizer,
-                            {**new_trainer_state(names, {**config, "iterations": options.iterations}),
-                             "step": it, "loss": row["loss"], "elapsed_s": row["wall_s"]})
-            history.append(row)
-            _write_history(out, history)
+            if procs.main:
+                save_checkpoint(out / "train", model, optimizer,
+                                {**new_trainer_state(names, {**config, "iterations": options.iterations}),
+                                 "step": it, "loss": row["loss"], "elapsed_s": row["wall_s"]})
+                history.append(row)
+                _write_history(out, history)
+            procs.wait()  # the checkpoint is whole before any process goes on
             if writer is not None:
                 for key, value in row.items():
                     if isinstance(value, (int, float)) and key != "iteration":
@@ -325,13 +357,47 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
                 f"{key} {row[key]:.3g}" for key in row if key in ("return", hooks.metric, f"valid_{hooks.metric}")))
     if writer is not None:
         writer.close()
+    if not procs.main:
+        procs.wait()  # the main process writes the plot and the final adapter
+        return out
     _plot(out, history, hooks.metric)
-    return keeper.finish(model)
+    kept = keeper.finish(model)
+    procs.wait()
+    return kept
+
+
+_STATS = ("loss", "policy_loss", "value_loss", "entropy", "kl", "clip_frac")
+
+
+def _ppo_loss(model: NetLLM, batch: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One process's part of a PPO minibatch: the loss to back-propagate and the
+    minibatch's statistics (``_STATS``). Each term is a sum over this process's scored
+    steps divided by ``total``, the steps of the whole minibatch, so that summed over the
+    processes they are the minibatch means; the loss is multiplied by ``world`` because
+    DDP averages the gradients over the processes."""
+    hooks, roll, ends, rows, score, t, options, total, world = batch
+    dev = model.device
+    logp, entropy, hidden, real = hooks.log_probs(model, roll, ends)
+    m = torch.from_numpy(score).to(dev) & real
+    idx = torch.from_numpy(rows).to(dev)[m]
+    v = _value(model, hidden if options.shared_value else hidden.detach())[m]
+    lp, ent = logp[m], entropy[m]
+    ratio = torch.exp(lp - t["old"][idx])
+    a = t["adv"][idx]
+    policy_loss = -torch.min(ratio * a, ratio.clamp(1 - options.clip, 1 + options.clip) * a).sum() / total
+    value_loss = (v - t["target"][idx]).pow(2).sum() / total
+    log_ratio_ref = t["ref"][idx] - lp
+    kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).sum() / total
+    ent_sum = ent.sum() / total
+    loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * ent_sum + options.kl_coef * kl
+    clip_frac = ((ratio - 1).abs() > options.clip).float().sum() / total
+    stats = torch.stack([loss, policy_loss, value_loss, ent_sum, kl, clip_frac]).detach().to(torch.float64)
+    return loss * world, stats
 
 
 def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: FinetuneOptions, it: int, k: int,
                optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], seeds: list[int],
-               spread: Spread = LOCAL) -> dict[str, Any]:
+               spread: Spread, procs: Any) -> dict[str, Any]:
     torch.manual_seed(options.seed * 1_000_003 + it)  # LoRA dropout, anything the update draws
     t0 = time.perf_counter()
     model.eval()
@@ -344,55 +410,53 @@ def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetune
     old = np.zeros(n, dtype=np.float32)
     ref_logp = np.zeros(n, dtype=np.float32)
     values = np.zeros(n, dtype=np.float32)
-    with torch.no_grad():
-        for chunk in np.array_split(np.arange(len(ends)), max(1, math.ceil(len(ends) / 32))):
+    counts = np.zeros(len(ends), dtype=np.float32)  # scored real steps of each window
+    chunks = np.array_split(np.arange(len(ends)), max(1, math.ceil(len(ends) / 32)))
+    with torch.no_grad():  # each process takes every world-th chunk; the sums add up the rest
+        for chunk in chunks[procs.rank::procs.world]:
             logp, _, hidden, real = hooks.log_probs(model, roll, ends[chunk])
             m = score[chunk] & real.cpu().numpy()
+            counts[chunk] = m.sum(1)
             old += _scatter(rows[chunk], m, logp, n)
             values += _scatter(rows[chunk], m, _value(model, hidden), n)
             rlogp, _, _, _ = hooks.log_probs(ref, roll, ends[chunk])
             ref_logp += _scatter(rows[chunk], m, rlogp, n)
+    if procs.world > 1:
+        summed = procs.sum(torch.from_numpy(np.concatenate([old, ref_logp, values, counts]))).numpy()
+        old, ref_logp, values, counts = summed[:n], summed[n:2 * n], summed[2 * n:3 * n], summed[3 * n:]
     scale = float(model.config.rl.return_scale)
     adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)
     adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
     dev = model.device
-    adv_t, target_t = torch.from_numpy(adv_n).to(dev), torch.from_numpy(target).to(dev)
-    old_t, ref_t = torch.from_numpy(old).to(dev), torch.from_numpy(ref_logp).to(dev)
+    tensors = {"adv": torch.from_numpy(adv_n).to(dev), "target": torch.from_numpy(target).to(dev),
+               "old": torch.from_numpy(old).to(dev), "ref": torch.from_numpy(ref_logp).to(dev)}
     rng = np.random.default_rng([options.seed, it])
     # the update runs without dropout (eval mode): the ratio compares the policy that acted
     # with the one being trained, not two dropout masks
-    sums: dict[str, float] = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0, "entropy": 0.0, "kl": 0.0,
-                              "clip_frac": 0.0}
+    sums = torch.zeros(len(_STATS), dtype=torch.float64)
     steps = 0
+    size = options.batch_size * procs.world  # each process takes batch_size windows of it
     for _ in range(options.epochs):
         order = rng.permutation(len(ends))
-        for b in range(0, len(order), options.batch_size):
-            pick = order[b:b + options.batch_size]
-            logp, entropy, hidden, real = hooks.log_probs(model, roll, ends[pick])
-            m = torch.from_numpy(score[pick]).to(dev) & real
-            idx = torch.from_numpy(rows[pick]).to(dev)[m]
-            v = _value(model, hidden if options.shared_value else hidden.detach())[m]
-            lp, ent = logp[m], entropy[m]
-            ratio = torch.exp(lp - old_t[idx])
-            a = adv_t[idx]
-            policy_loss = -torch.min(ratio * a, ratio.clamp(1 - options.clip, 1 + options.clip) * a).mean()
-            value_loss = (v - target_t[idx]).pow(2).mean()
-            log_ratio_ref = ref_t[idx] - lp
-            kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).mean()
-            loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * ent.mean() \
-                + options.kl_coef * kl
+        for b in range(0, len(order), size):
+            pick = order[b:b + size]
+            total = max(1.0, float(counts[pick].sum()))
+            mine = pick[procs.rank::procs.world]
+            mask = score[mine]
+            if len(mine) == 0:  # a short last minibatch: this process still takes part, weighing nothing
+                mine, mask = pick[:1], np.zeros_like(score[pick[:1]])
+            loss, stats = procs.loss((hooks, roll, ends[mine], rows[mine], mask, tensors, options, total,
+                                      procs.world))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            procs.backward(loss)
             if options.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
             optimizer.step()
             steps += 1
-            for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
-                               ("entropy", ent.mean()), ("kl", kl),
-                               ("clip_frac", ((ratio - 1).abs() > options.clip).float().mean())):
-                sums[key] += float(value.item())
+            sums += procs.sum(stats.cpu())
     model.eval()
-    return {"iteration": it, **{key: v / max(steps, 1) for key, v in sums.items()},
+    means = (sums / max(steps, 1)).tolist()
+    return {"iteration": it, **dict(zip(_STATS, means)),
             "return": float(pool.episode_returns().mean() / scale), **roll.stats, "decisions": n,
             "rollout_s": rollout_s, "iteration_s": time.perf_counter() - t0}
 

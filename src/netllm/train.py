@@ -259,7 +259,7 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
-class _Processes:
+class Processes:
     """This run's processes. Without ``accelerate launch`` (and without mixed precision)
     it is this process alone and the loop runs plain PyTorch. Under ``accelerate launch``
     Hugging Face Accelerate owns the process group: the loss is wrapped in DDP (gradients
@@ -267,21 +267,22 @@ class _Processes:
     (so N processes equal one process with ``grad_accum * N``), metrics are reduced over
     processes, and only the main process writes files or evaluates."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], config: TrainConfig) -> None:
+    def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, Any], Any], mixed_precision: str = "no"
+                 ) -> None:
         self.loss_fn, self.model = loss_fn, model
         self.world, self.rank, self.acc, self.ddp = 1, 0, None, None
-        if launched_processes() == 1 and config.mixed_precision == "no":
+        if launched_processes() == 1 and mixed_precision == "no":
             return
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if config.mixed_precision == "bf16" and device.type != "cuda":
+        if mixed_precision == "bf16" and device.type != "cuda":
             raise NetLLMError(f"--dtype bf16: autocast training needs a CUDA GPU; this run is on {device.type} "
                               "(use --dtype fp32)")
         if fsdp_launched():
             check_fsdp(model, device)  # before Accelerate, whose own FSDP errors are tracebacks
-        self.acc = Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision,
+        self.acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision,
                                device_placement=False,
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
@@ -327,6 +328,21 @@ class _Processes:
     def wait(self) -> None:
         if self.world > 1:
             wait_for_everyone()
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the processes (``values`` itself in one process)."""
+        if self.world == 1:
+            return values
+        assert self.acc is not None
+        return self.acc.reduce(values.to(self.acc.device).clone(), reduction="sum").to(values.device)
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Every process's ``items`` (picklable), concatenated in process order, in every process."""
+        if self.world == 1:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return list(gather_object(list(items)))
 
     def reseed(self, seed: int, step: int) -> None:
         """Processes other than the main one restart their generators (LoRA dropout) at
@@ -385,7 +401,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
 
 
 def _accumulate_gradients(
-    procs: _Processes,
+    procs: Processes,
     get_batch: Callable[[int], Any],
     step: int,
     grad_accum: int,
@@ -537,7 +553,7 @@ def train(
     optimizer = make_optimizer(params, config)
     was_training = model.training
 
-    procs = _Processes(model, loss_fn, config)
+    procs = Processes(model, loss_fn, config.mixed_precision)
 
     # -- start fresh or resume ---------------------------------------------------------
     if procs.world > 1:  # the main process tidies an interrupted checkpoint swap first

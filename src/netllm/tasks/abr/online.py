@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from netllm import parallel
 from netllm.finetune import LOCAL, Rollout, Spread
 from netllm.model import NetLLM
 from netllm.rl import ExperiencePool, WindowSampler, decision_hidden
@@ -53,7 +52,7 @@ class ABROnline:
             picked += synthetic_traces(self.generated, seed=seed, low_mbps=self.low_mbps, high_mbps=self.high_mbps)
         video = self.videos[seed % len(self.videos)]  # the iterations alternate the videos
         # shards of traces (one per worker), each trace with its own streams
-        ep = concat_episodes(spread(self, model, _rollout_shard, parallel.split(len(picked)), picked, video, seed))
+        ep = concat_episodes(spread(self, model, _rollout_shard, spread.split(len(picked)), picked, video, seed))
         assert ep.states is not None
         episodes = [{"states": {k: v[i] for k, v in ep.states.items()}, "actions": ep.levels[i],
                      "rewards": ep.qoe[i]} for i in range(len(picked))]
@@ -80,7 +79,7 @@ class ABROnline:
 
     def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
         """Mean per-chunk QoE on the validation traces (``evaluate``'s, seed 1)."""
-        parts = spread(self, model, _valid_shard, parallel.split(len(self.valid)), self.valid, self.valid_video)
+        parts = spread(self, model, _valid_shard, spread.split(len(self.valid)), self.valid, self.valid_video)
         return float(np.concatenate(parts).mean())
 
 

@@ -21,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from netllm import parallel
 from netllm.finetune import LOCAL, Rollout, Spread
 from netllm.model import NetLLM
 from netllm.rl import decision_hidden
@@ -92,7 +91,7 @@ class CJSOnline:
 
     def rollout(self, model: NetLLM, seeds: list[int], spread: Spread = LOCAL) -> Rollout:
         # job sequences in shards (one per worker); every simulator keeps its own streams
-        parts = spread(self, model, _rollout_seeds, [[seeds[i] for i in shard] for shard in parallel.split(len(seeds))])
+        parts = spread(self, model, _rollout_seeds, [[seeds[i] for i in shard] for shard in spread.split(len(seeds))])
         episodes = [ep for part, _ in parts for ep in part]
         jcts = [j for _, part in parts for j in part]
         pool = pool_from_episodes([_episode(ep["features"], ep["actions"], ep["rewards"]) for ep in episodes],
@@ -129,7 +128,7 @@ class CJSOnline:
 
     def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
         seeds = self.valid_seeds
-        parts = spread(self, model, _valid_seeds, [[seeds[i] for i in shard] for shard in parallel.split(len(seeds))])
+        parts = spread(self, model, _valid_seeds, [[seeds[i] for i in shard] for shard in spread.split(len(seeds))])
         return float(np.mean([j for part in parts for j in part]))
 
 
