@@ -1,12 +1,19 @@
 """Foundation benchmark: backbone load time, LoRA training throughput, decision latency.
 
-    netllm bench foundation [--llm smollm2] [--device auto] [--out runs/bench-foundation]
+    netllm bench foundation [--llm smollm2] [--device auto] [--dtype auto] [--batch 8] [--tokens 160]
+                            [--peak-tflops X] [--out runs/bench-foundation]
 
 Measures, side by side in one run:
   * load time of the backbone: first load (an empty model cache, GGUF dequantised)
     and cached load (safetensors from the user cache);
   * training tokens/s of one LoRA step (forward + backward + AdamW) at batch 8 x 160
-    tokens with all decoder layers and with 6 layers;
+    tokens (``--batch``, ``--tokens``) with all decoder layers and with 6 layers, in fp32
+    or with bf16 autocast (``--dtype``, CUDA), and its model FLOP utilisation: the FLOPs
+    the step executes (counted by ``torch.utils.flop_counter`` on one step: matrix
+    products and attention, forward and backward — frozen weights get no weight
+    gradient, so a LoRA step is ~4 FLOPs per parameter and token, not 6) per second,
+    against the device's peak (``--peak-tflops``; known for common NVIDIA GPUs in
+    ``PEAK_TFLOPS``, dense bf16 tensor cores);
   * decision latency of the return-conditioned policy: KV-cached incremental step vs
     recomputing the whole context, with the same model and the same context.
 """
@@ -32,6 +39,20 @@ from netllm.rl import IncrementalPolicy, RLSpec
 from netllm.utils import atomic_write_json, prepare_run_dir, resolve_device, seed_everything
 
 console = Console()
+
+
+# dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets;
+# matched against torch.cuda.get_device_name() in this order
+PEAK_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
+               ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.2), ("V100", 125.0))
+
+
+def peak_tflops(device: torch.device, precision: str) -> float | None:
+    """The device's dense bf16 peak if known (fp32 training has no tensor-core peak here)."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for key, v in PEAK_TFLOPS if key in name), None)
 
 
 def _timed(fn: Any, repeats: int) -> list[float]:
@@ -66,10 +87,18 @@ def measure_load(llm: str, device: str) -> dict[str, float]:
 
 
 def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
-                       batch: int = 8, tokens: int = 160, rank: int = 16) -> dict[str, float]:
-    """Tokens/s of full LoRA training steps on random embeddings of batch x tokens."""
+                       batch: int = 8, tokens: int = 160, rank: int = 16, precision: str = "no",
+                       peak: float | None = None) -> dict[str, Any]:
+    """Tokens/s and model FLOP utilisation of full LoRA training steps on random
+    embeddings of batch x tokens; ``precision`` "bf16": frozen weights in bf16 and
+    autocast, as ``netllm adapt --dtype bf16`` trains."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from netllm.recipe import set_precision
+
     seed_everything(0)
     bb = load_backbone(llm, layers=layers, lora=LoraSpec(rank=rank), device=device)
+    set_precision(bb, precision)
     bb.train()
     params = [p for p in bb.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -78,16 +107,28 @@ def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
     mask = torch.ones(batch, tokens, dtype=torch.long, device=dev)
 
     def step() -> None:
-        hidden, _ = bb(x, mask)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            hidden, _ = bb(x, mask)
         loss = hidden.float().pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up
+    counter = FlopCounterMode(display=False)
+    with counter:  # also the warm-up
+        step()
+    flops = float(counter.get_total_flops())
     times = _timed(step, repeats)
     median = statistics.median(times)
-    return {"layers": bb.num_layers, "step_s": median, "tokens_per_s": batch * tokens / median}
+    # the frozen weights a token multiplies: neither embedding tables nor the (unused) LM head
+    head = getattr(bb.llm, "get_output_embeddings", lambda: None)()
+    skip = {id(m.weight) for m in bb.modules() if isinstance(m, torch.nn.Embedding) or m is head}
+    frozen = sum(p.numel() for p in bb.parameters() if not p.requires_grad and id(p) not in skip)
+    achieved = flops / median / 1e12
+    return {"layers": bb.num_layers, "batch": batch, "tokens": tokens, "precision": precision,
+            "step_s": median, "tokens_per_s": batch * tokens / median,
+            "flops_per_step": flops, "flops_per_token_per_weight": flops / (batch * tokens) / max(frozen, 1),
+            "tflops_per_s": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None}
 
 
 def measure_decisions(llm: str, device: str, layers: int | None, context: int, repeats: int,
@@ -145,19 +186,28 @@ def measure_decisions(llm: str, device: str, layers: int | None, context: int, r
 
 
 def run_foundation_bench(llm: str = "smollm2", device: str = "auto", out: str | Path = "runs/bench-foundation",
-                         repeats: int = 3, context: int = 10) -> dict[str, Any]:
+                         repeats: int = 3, context: int = 10, dtype: str = "auto", batch: int = 8,
+                         tokens: int = 160, peak: float | None = None) -> dict[str, Any]:
+    from netllm.recipe import training_precision
+
     dev = resolve_device(device)
+    precision = training_precision(dtype, dev)  # --dtype bf16 off CUDA: one line, before any file
+    peak = peak if peak is not None else peak_tflops(dev, precision)
     out = prepare_run_dir(out, {"command": "bench foundation", "llm": llm, "device": str(dev),
-                                "repeats": repeats, "context": context})
-    results: dict[str, Any] = {"device": str(dev), "threads": torch.get_num_threads()}
+                                "repeats": repeats, "context": context, "dtype": dtype, "batch": batch,
+                                "tokens": tokens, "peak_tflops": peak})
+    results: dict[str, Any] = {"device": str(dev), "threads": torch.get_num_threads(), "precision": precision,
+                               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
     console.print(f"[bold]foundation benchmark[/bold] llm={llm} device={dev} threads={torch.get_num_threads()}")
     results["load"] = measure_load(llm, device)
     console.print(f"load: first {results['load']['load_first_s']:.1f} s, cached {results['load']['load_cached_s']:.2f} s")
     results["train"] = []
     for layers in (None, 6):
-        r = measure_train_step(llm, device, layers, repeats)
+        r = measure_train_step(llm, device, layers, repeats, batch=batch, tokens=tokens, precision=precision,
+                               peak=peak)
         results["train"].append(r)
-        console.print(f"train step, {r['layers']} layers: {r['tokens_per_s']:.0f} tokens/s")
+        console.print(f"train step, {r['layers']} layers: {r['tokens_per_s']:.0f} tokens/s, "
+                      f"{r['tflops_per_s']:.3f} TFLOP/s" + (f" (MFU {r['mfu']:.1%})" if r["mfu"] else ""))
     results["decide"] = []
     for layers in (None, 4):
         for batch in (1, 16):  # 16 environments deciding together: fewer steps, it is slow without the cache
@@ -174,7 +224,9 @@ def run_foundation_bench(llm: str = "smollm2", device: str = "auto", out: str | 
     table.add_row("backbone load, first (GGUF dequantise)", f"{results['load']['load_first_s']:.1f} s")
     table.add_row("backbone load, cached", f"{results['load']['load_cached_s']:.2f} s")
     for r in results["train"]:
-        table.add_row(f"LoRA train step 8x160 tokens, {r['layers']} layers", f"{r['tokens_per_s']:.0f} tokens/s")
+        mfu = f", MFU {r['mfu']:.1%} of {r['peak_tflops']:.0f}" if r["mfu"] else ""
+        table.add_row(f"LoRA train step {r['batch']}x{r['tokens']} tokens ({precision}), {r['layers']} layers",
+                      f"{r['tokens_per_s']:.0f} tokens/s, {r['tflops_per_s']:.3f} TFLOP/s{mfu}")
     for r in results["decide"]:
         table.add_row(f"decision K={r['context_steps']}, {r['layers']} layers, batch {r['batch']}: "
                       "KV cache (steady step) / full",

@@ -341,11 +341,21 @@ def bench_foundation(
     device: str = DEVICE,
     out: Optional[Path] = OUT,
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repetitions per measurement."),
+    dtype: str = typer.Option("auto", "--dtype", help="Training step precision: fp32, or bf16 (bf16 frozen weights "
+                              "and autocast, CUDA only); auto: bf16 on CUDA, else fp32."),
+    batch: int = typer.Option(8, "--batch", min=1, help="Sequences per timed training step."),
+    tokens: int = typer.Option(160, "--tokens", min=1, help="Tokens per sequence in the timed training step."),
+    peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", min=1e-6, help="The device's peak TFLOP/s "
+                                                "for the model FLOP utilisation (default: known NVIDIA GPUs' "
+                                                "dense bf16 peak; none on a CPU)."),
 ) -> None:
-    """Backbone load time, LoRA training tokens/s, decision latency (KV cache vs recompute)."""
+    """Backbone load time, LoRA training tokens/s and FLOP utilisation, decision latency (KV cache vs recompute)."""
     from netllm.bench import run_foundation_bench
 
-    run_foundation_bench(llm=llm, device=device, out=_out(out, "bench-foundation"), repeats=repeats)
+    if dtype not in ("auto", "fp32", "bf16"):
+        raise NetLLMError(f"--dtype: {dtype!r} is not one of auto, fp32, bf16")
+    run_foundation_bench(llm=llm, device=device, out=_out(out, "bench-foundation"), repeats=repeats, dtype=dtype,
+                         batch=batch, tokens=tokens, peak=peak_tflops)
 
 
 @app.command()
