@@ -210,11 +210,11 @@ def run_foundation_bench(llm: str = "smollm2", device: str = "auto", out: str | 
                       f"{r['tflops_per_s']:.3f} TFLOP/s" + (f" (MFU {r['mfu']:.1%})" if r["mfu"] else ""))
     results["decide"] = []
     for layers in (None, 4):
-        for batch in (1, 16):  # 16 environments deciding together: fewer steps, it is slow without the cache
-            r = measure_decisions(llm, device, layers, context, repeats if batch == 1 else 1,
-                                  episode_steps=48 if batch == 1 else 20, batch=batch)
+        for envs in (1, 16):  # 16 environments deciding together: fewer steps, it is slow without the cache
+            r = measure_decisions(llm, device, layers, context, repeats if envs == 1 else 1,
+                                  episode_steps=48 if envs == 1 else 20, batch=envs)
             results["decide"].append(r)
-            console.print(f"decision, {r['layers']} layers, batch {batch}: incremental {r['incremental_ms']:.1f} ms "
+            console.print(f"decision, {r['layers']} layers, batch {envs}: incremental {r['incremental_ms']:.1f} ms "
                           f"(steady step {r['cached_step_ms']:.1f} ms), full {r['full_recompute_ms']:.1f} ms")
     atomic_write_json(out / "bench.json", results)
 
