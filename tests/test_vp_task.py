@@ -70,6 +70,20 @@ def test_adapt_lowers_the_error_and_the_adapter_round_trips(tiny_llama, samples,
         NetLLM.from_adapter(folder, task="abr", device="cpu")
 
 
+def test_lora_mlp_adapts_the_mlp_projections_and_round_trips(tiny_llama, samples, tmp_path):
+    def lora_modules(model):
+        return {n.split(".")[-1] for n, m in model.named_modules() if hasattr(m, "lora_A")}
+
+    assert lora_modules(build_model(model_config(llm=tiny_llama, layers=2, rank=4), device="cpu")).isdisjoint(
+        {"gate_proj", "up_proj", "down_proj"})
+    recipe = VPRecipe(llm=tiny_llama, layers=2, rank=4, steps=3, batch_size=8, eval_every=0, warmup_steps=0,
+                      lora_mlp=True)
+    folder = adapt(samples, tmp_path / "vp", recipe, device="cpu", progress=False)
+    model = NetLLM.from_adapter(folder, task="vp", device="cpu")
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= lora_modules(model)
+    assert TASK.model_config(recipe).lora.mlp
+
+
 def test_image_token_per_step_on_generated_frames(tmp_path, tiny_llama, samples):
     from transformers import ViTConfig
 

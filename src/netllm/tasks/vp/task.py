@@ -70,7 +70,7 @@ TOKEN_FEATURES = 3  # absolute, offset to last, step (see the module docstring)
 
 def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32, hw: int = 10, fw: int = 20,
                  pretrained: bool = True, seed: int = 0, image: Any = None,
-                 lora_dropout: float = 0.05) -> NetLLMConfig:
+                 lora_dropout: float = 0.05, lora_mlp: bool = False) -> NetLLMConfig:
     """The VP model: a viewport token (+ an optional frame token) per step, one regression head."""
     encoders = [EncoderSpec("viewport", "series", in_dim=TOKEN_FEATURES, length=3, kernel_size=3)]
     if image is not None:
@@ -78,7 +78,8 @@ def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32
     return NetLLMConfig(
         task="vp", encoders=encoders, heads={"future": HeadSpec("regression", steps=fw, dims=3)},
         llm=llm, layers=layers,
-        lora=LoraSpec(rank=rank, alpha=2 * rank, dropout=lora_dropout) if rank else LoraSpec(rank=0),
+        lora=(LoraSpec(rank=rank, alpha=2 * rank, dropout=lora_dropout, mlp=lora_mlp) if rank
+              else LoraSpec(rank=0)),
         pretrained=pretrained, seed=seed, norm={"hw": hw, "fw": fw, "angle_scale": ANGLE_SCALE},
     )
 
@@ -245,6 +246,7 @@ class VPRecipe(Recipe):
                                "the windows: the mirror image of a head motion is one too), yaw-offset (turn "
                                "the absolute yaw of every window by a random angle), none.")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, max=0.9)
+    lora_mlp: bool = opt(False, "Also adapt the MLP projections (gate, up, down) with LoRA, not only attention.")
     valid_stride: int = opt(VALID_STRIDE, "Validate on every N-th window of the valid split (1: all).", min=1)
 
     def check(self) -> None:
@@ -392,7 +394,8 @@ def adapt(train_samples: Samples, out: Path, recipe: VPRecipe, *, valid: Samples
     kept is the one with the lowest MAE on it (``extra.best.mae`` of its config)."""
     seed_everything(recipe.seed)
     config = model_config(llm=recipe.llm, layers=recipe.layers, rank=recipe.rank, hw=recipe.hw, fw=recipe.fw,
-                          pretrained=recipe.pretrained, seed=recipe.seed, lora_dropout=recipe.lora_dropout)
+                          pretrained=recipe.pretrained, seed=recipe.seed, lora_dropout=recipe.lora_dropout,
+                          lora_mlp=recipe.lora_mlp)
     model = build_model(config, device=device)
     validate = None
     if valid is not None:
@@ -445,7 +448,7 @@ class VPTask(Task):
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, VPRecipe) else VPRecipe()
         return model_config(llm=r.llm, layers=r.layers, rank=r.rank, hw=r.hw, fw=r.fw, pretrained=r.pretrained,
-                            seed=r.seed, lora_dropout=r.lora_dropout)
+                            seed=r.seed, lora_dropout=r.lora_dropout, lora_mlp=r.lora_mlp)
 
     def baselines(self) -> dict[str, Callable[[VPEvalOptions], Any]]:
         return {name: (lambda options, n=name: make_baseline(n, options.fw)) for name in BASELINES}
