@@ -37,7 +37,7 @@ def adapters(tiny_llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     abr = _nudged(NetLLM(abr_config(llm=tiny_llama, layers=2, rank=4, context=4)), 1)
     abr.save_adapter(root / "abr", extra={"target_return": 30.0})
-    vp = _nudged(NetLLM(vp_config(llm=tiny_llama, layers=2, rank=8, hw=5, fw=4)), 2)
+    vp = _nudged(NetLLM(vp_config(llm=tiny_llama, layers=2, rank=8, hw=5, fw=4, lora_mlp=True)), 2)
     vp.save_adapter(root / "vp")
     other = NetLLM(abr_config(llm=tiny_llama, layers=3, rank=4, context=4))
     other.save_adapter(root / "abr-3layers", extra={"target_return": 30.0})

@@ -76,8 +76,8 @@ def test_lora_mlp_adapts_the_mlp_projections_and_round_trips(tiny_llama, samples
 
     assert lora_modules(build_model(model_config(llm=tiny_llama, layers=2, rank=4), device="cpu")).isdisjoint(
         {"gate_proj", "up_proj", "down_proj"})
-    recipe = VPRecipe(llm=tiny_llama, layers=2, rank=4, steps=3, batch_size=8, eval_every=0, warmup_steps=0,
-                      lora_mlp=True)
+    assert VPRecipe().lora_mlp  # the recipe chosen on the valid splits; --no-lora-mlp: attention only
+    recipe = VPRecipe(llm=tiny_llama, layers=2, rank=4, steps=3, batch_size=8, eval_every=0, warmup_steps=0)
     folder = adapt(samples, tmp_path / "vp", recipe, device="cpu", progress=False)
     model = NetLLM.from_adapter(folder, task="vp", device="cpu")
     assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= lora_modules(model)

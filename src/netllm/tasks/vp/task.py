@@ -219,14 +219,15 @@ STEP_HELP = "Windows are cut every N samples of a trace."
 class VPRecipe(Recipe):
     """Every hyper-parameter of supervised VP adaptation, visible in one place; ``netllm
     adapt vp`` and ``netllm bench vp`` share these defaults. The recipe chosen on the
-    validation splits (docs/results/vp.md, "Levers"): SmolLM2 cut to 6 layers, LoRA r = 32
-    (alpha 64), trained on the train splits of Jin2022 and Wu2017 together with windows cut
+    validation splits (docs/results/vp.md, "Levers" and "Levers, round 2"): SmolLM2 cut to 6
+    layers, LoRA r = 32 (alpha 64) on the attention and the MLP projections, trained on the train splits of Jin2022 and Wu2017 together with windows cut
     every 5 samples, half of every batch mirrored (yaw and roll negated), batch 32, lr 5e-4
     with cosine decay to lr/10, 2,000 steps, the adapter best on a quarter of both valid
     splits (checked every 100 steps). ``--epochs`` replaces ``--steps`` when given."""
 
     layers: int | None = opt(6, "Keep only the first N decoder layers.", min=1)
-    rank: int = opt(32, "LoRA rank on the attention projections, alpha = 2 x rank (0: no LoRA).", min=0)
+    rank: int = opt(32, "LoRA rank (attention and, with --lora-mlp, MLP projections), alpha = 2 x rank "
+                        "(0: no LoRA).", min=0)
     batch_size: int = opt(32, "Windows per optimizer step.", min=1)
     steps: int = opt(2000, "Optimizer steps (unless --epochs is given).", min=1)
     epochs: float | None = opt(None, "Passes over the training windows; replaces --steps when given.", min=0)
@@ -246,7 +247,8 @@ class VPRecipe(Recipe):
                                "the windows: the mirror image of a head motion is one too), yaw-offset (turn "
                                "the absolute yaw of every window by a random angle), none.")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA path.", min=0, max=0.9)
-    lora_mlp: bool = opt(False, "Also adapt the MLP projections (gate, up, down) with LoRA, not only attention.")
+    lora_mlp: bool = opt(True, "Also adapt the MLP projections (gate, up, down) with LoRA, not only attention "
+                               "(chosen on the valid splits).")
     valid_stride: int = opt(VALID_STRIDE, "Validate on every N-th window of the valid split (1: all).", min=1)
 
     def check(self) -> None:
