@@ -29,6 +29,7 @@ served model are interchangeable in ``eval`` and ``bench``:
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,18 +115,30 @@ class Task(ABC):
     fallbacks: ClassVar[tuple[str, ...]] = ()  # serve: policies that answer when the model cannot in time
     serve_note: ClassVar[str] = "it has no HTTP service"  # why a task without ServeOptions is not served
 
+    # a light module (no torch: `netllm data status` imports it) that defines the task's data:
+    # GROUPS (its DataGroups), manifest() and post_fetch(root); None: the task fetches no data
+    data_module: ClassVar[str | None] = None
+
     # -- data ---------------------------------------------------------------------------
+
+    def _data(self) -> Any:
+        return importlib.import_module(self.data_module) if self.data_module else None
 
     def datasets(self) -> tuple["DataGroup", ...]:
         """The task's data set groups (``netllm data fetch <task>`` fetches them)."""
-        return ()
+        data = self._data()
+        return tuple(data.GROUPS) if data else ()
 
     def manifest(self) -> str:
         """``sha256  path`` lines of every file of :meth:`datasets` (empty: none)."""
-        return ""
+        data = self._data()
+        return data.manifest() if data else ""
 
     def post_fetch(self, root: Path) -> None:
         """A step after the task's files were fetched into ``root`` (idempotent)."""
+        data = self._data()
+        if data:
+            data.post_fetch(root)
 
     # -- model and policies -------------------------------------------------------------
 

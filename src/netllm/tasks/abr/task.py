@@ -502,6 +502,7 @@ class ABRTask(Task):
     higher_is_better = True
     summary = "adaptive bitrate streaming (Pensieve/Genet simulator, FCC traces); QoE, higher is better."
     has_demo = True
+    data_module = "netllm.tasks.abr.datasets"
     Recipe = ABRRecipe
     AdaptOptions = ABRAdaptOptions
     EvalOptions = ABREvalOptions
@@ -515,21 +516,6 @@ class ABRTask(Task):
         from netllm.tasks.abr.serve import ABRService
 
         return ABRService(ctx, options, fallback)
-
-    def datasets(self) -> tuple[Any, ...]:
-        from netllm.tasks.abr import datasets
-
-        return datasets.GROUPS
-
-    def manifest(self) -> str:
-        from netllm.tasks.abr import datasets
-
-        return datasets.manifest()
-
-    def post_fetch(self, root: Path) -> None:
-        from netllm.tasks.abr import datasets
-
-        datasets.post_fetch(root)
 
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, ABRRecipe) else ABRRecipe()

@@ -214,27 +214,13 @@ class CJSTask(Task):
     summary = "Spark cluster job scheduling (Decima's simulator, TPC-H jobs); average JCT, lower is better."
     serve_note = ("a decision needs the whole cluster state; use its scheduler in-process: "
                   "netllm.tasks.cjs.policy.NetLLMCJSPolicy.from_adapter")
+    data_module = "netllm.tasks.cjs.datasets"
     Recipe = CJSRecipe
     AdaptOptions = CJSAdaptOptions
     EvalOptions = CJSEvalOptions
     CollectOptions = CJSCollectOptions
     BenchOptions = CJSBenchOptions
     FinetuneOptions = CJSFinetuneOptions
-
-    def datasets(self) -> tuple[Any, ...]:
-        from netllm.tasks.cjs import datasets
-
-        return datasets.GROUPS
-
-    def manifest(self) -> str:
-        from netllm.tasks.cjs import datasets
-
-        return datasets.manifest()
-
-    def post_fetch(self, root: Path) -> None:
-        from netllm.tasks.cjs import datasets
-
-        datasets.post_fetch(root)
 
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, CJSRecipe) else CJSRecipe()

@@ -420,6 +420,7 @@ class VPTask(Task):
     metric = "mae_deg"
     higher_is_better = False
     summary = "viewport prediction for 360° video (Jin2022, Wu2017 head motion); MAE in degrees, lower is better."
+    data_module = "netllm.tasks.vp.datasets"
     Recipe = VPRecipe
     AdaptOptions = VPAdaptOptions
     EvalOptions = VPEvalOptions
@@ -431,21 +432,6 @@ class VPTask(Task):
         from netllm.tasks.vp.serve import VPService
 
         return VPService(ctx, options, fallback)
-
-    def datasets(self) -> tuple[Any, ...]:
-        from netllm.tasks.vp import datasets
-
-        return datasets.GROUPS
-
-    def manifest(self) -> str:
-        from netllm.tasks.vp import datasets
-
-        return datasets.manifest()
-
-    def post_fetch(self, root: Path) -> None:
-        from netllm.tasks.vp import datasets
-
-        datasets.post_fetch(root)
 
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, VPRecipe) else VPRecipe()
