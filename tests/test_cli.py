@@ -32,9 +32,11 @@ def test_seeds_lists_and_ranges():
     assert parse_seeds("1,2,3") == [1, 2, 3]
     assert parse_seeds("1-10") == list(range(1, 11))
     assert parse_seeds("1-3,7") == [1, 2, 3, 7]
-    for bad in ("a", "3-1", "", "1-x"):
+    for bad in ("a", "3-1", "", "1-x", "1,1", "1-3,2"):
         with pytest.raises(NetLLMError, match="--seeds"):
             parse_seeds(bad)
+    with pytest.raises(NetLLMError, match="--train-seeds: seed 0 given twice"):
+        parse_seeds("0,0", "--train-seeds")
 
 
 @pytest.mark.parametrize("args, needle", [

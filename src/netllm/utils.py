@@ -3,6 +3,7 @@ strict JSON, run folders."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
@@ -209,6 +210,9 @@ def parse_seeds(text: str, option: str = "--seeds") -> list[int]:
             ) from None
     if not seeds:
         raise NetLLMError(f"{option}: no seed in {text!r}")
+    repeated = sorted(s for s, n in collections.Counter(seeds).items() if n > 1)
+    if repeated:  # a seed twice would count one episode or training run twice
+        raise NetLLMError(f"{option}: seed {', '.join(map(str, repeated))} given twice in {text!r}")
     return seeds
 
 
