@@ -25,7 +25,9 @@ Public API:
 * ``resume_checkpoint`` -- tidy an interrupted save, then load the checkpoint (resume)
   or refuse a folder that holds one (fresh run);
 * ``recover_checkpoint`` / ``load_checkpoint`` -- the two halves of the above;
-* ``completed_steps`` -- the step of the last checkpoint in a folder (0: none).
+* ``completed_steps`` -- the step of the last checkpoint in a folder (0: none);
+* ``save_small_model`` -- a small model trained without the LLM (a task's trained
+  baseline): its weights, then its config, each file written atomically.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from netllm.utils import NetLLMError, provenance
+from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ __all__ = [
     "resume_checkpoint",
     "rng_state",
     "save_checkpoint",
+    "save_small_model",
     "set_rng_state",
     "trainable_named_parameters",
     "trainable_state_dict",
@@ -396,3 +399,24 @@ def resume_checkpoint(
     state = load_checkpoint(ckpt, model, optimizer, param_names, grad_accum=grad_accum)
     log.info("resuming from %s at step %d", ckpt, int(state["step"]))
     return state
+
+
+# --------------------------------------------------------------------------------------
+# Small models trained without the LLM (a task's trained baselines)
+# --------------------------------------------------------------------------------------
+
+
+def save_small_model(folder: str | os.PathLike[str], net: nn.Module, config: Mapping[str, Any], *,
+                     config_file: str, weights_file: str) -> Path:
+    """``net``'s weights (safetensors) and ``config`` + provenance (JSON) in ``folder``.
+
+    The config goes last and the old one is removed first, so a folder whose config file
+    exists holds a complete run; each file is written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / config_file).unlink(missing_ok=True)
+    state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(folder / weights_file) as tmp:
+        save_file(state, str(tmp))
+    atomic_write_text(folder / config_file, json.dumps({**config, **provenance()}, indent=2, default=str) + "\n")
+    return folder

@@ -17,10 +17,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance, seed_everything
+from netllm.checkpoint import save_small_model
+from netllm.utils import NetLLMError, seed_everything
 from netllm_bwpred.data import HISTORY_S, HORIZON_S, TRANSFORM, Windows, batches, from_offsets, log_channels
 
 LSTM_CONFIG = "lstm_config.json"
@@ -98,14 +99,8 @@ class LSTMPredictor:
         return np.concatenate(outs)
 
     def save(self, folder: Path, config: dict[str, Any]) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / LSTM_CONFIG).unlink(missing_ok=True)  # the config goes last: complete runs only
-        state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        with atomic_path(folder / LSTM_WEIGHTS) as tmp:
-            save_file(state, str(tmp))
-        body = {"task": "bwpred", "model": "lstm", **config, **provenance()}
-        atomic_write_text(folder / LSTM_CONFIG, json.dumps(body, indent=2, default=str) + "\n")
-        return folder
+        return save_small_model(folder, self.net, {"task": "bwpred", "model": "lstm", **config},
+                                config_file=LSTM_CONFIG, weights_file=LSTM_WEIGHTS)
 
     @classmethod
     def load(cls, folder: str | Path) -> "LSTMPredictor":

@@ -30,11 +30,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from netllm.checkpoint import save_small_model
 from netllm.tasks.vp.dataset import Samples, angular_error, from_relative, mirror_signs, relative, wrap
-from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance, seed_everything
+from netllm.utils import NetLLMError, seed_everything
 
 LSTM_CONFIG = "lstm_config.json"
 LSTM_WEIGHTS = "lstm.safetensors"
@@ -145,14 +146,8 @@ class LSTMPredictor:
         return from_relative(np.asarray(history, dtype=np.float64), np.concatenate(outs))
 
     def save(self, folder: Path, recipe: LSTMRecipe, extra: dict[str, Any]) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / LSTM_CONFIG).unlink(missing_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
-        with atomic_path(folder / LSTM_WEIGHTS) as tmp:
-            save_file(state, str(tmp))
-        config = {"task": "vp", "model": "lstm", "recipe": asdict(recipe), **extra, **provenance()}
-        atomic_write_text(folder / LSTM_CONFIG, json.dumps(config, indent=2, default=str) + "\n")
-        return folder
+        return save_small_model(folder, self.net, {"task": "vp", "model": "lstm", "recipe": asdict(recipe), **extra},
+                                config_file=LSTM_CONFIG, weights_file=LSTM_WEIGHTS)
 
     @classmethod
     def load(cls, folder: str | Path) -> "LSTMPredictor":
