@@ -12,6 +12,7 @@ from netllm.heads import (
     RegressionHead,
     build_head,
     masked_log_softmax,
+    stable_argmax,
 )
 from netllm.utils import NetLLMError
 
@@ -143,3 +144,14 @@ def test_heads_get_gradients() -> None:
     for head in heads:
         for name, p in head.named_parameters():
             assert p.grad is not None and torch.any(p.grad != 0), name
+
+
+def test_stable_argmax_breaks_near_ties_towards_the_first() -> None:
+    """Two candidates one rounding step apart (as a batch of one and a batch of many may
+    compute them) are a tie; a real gap is not; masked entries never win."""
+    near = torch.tensor([[1.0, 35.193424, 35.193428, -5.0], [2.0, 35.193428, 35.193424, -5.0]])
+    assert stable_argmax(near).tolist() == [1, 1]
+    assert stable_argmax(torch.tensor([0.5, 0.4999, 0.2])).item() == 0
+    assert stable_argmax(torch.tensor([0.4999, 0.5, 0.2])).item() == 1  # a gap of 1e-4 is a preference
+    masked = torch.tensor([torch.finfo(torch.float32).min, -3.0, -3.0000001])
+    assert stable_argmax(masked).item() == 1

@@ -214,6 +214,18 @@ def build_head(spec: HeadSpec, hidden_size: int) -> nn.Module:
     raise NetLLMError(f"head spec: unknown kind {spec.kind!r}")
 
 
+def stable_argmax(logits: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+    """Arg-max over the last dimension, where values within ``rtol * max(1, |max|)`` of the
+    maximum count as tied and the first of them wins.
+
+    A plain arg-max between two (nearly) identical candidates follows the last bit of the
+    logits, which differs between a batch of one and a batch of many, or between library
+    versions; a decision taken this way does not."""
+    top = logits.max(-1, keepdim=True).values
+    tied = logits >= top - rtol * top.abs().clamp(min=1.0)
+    return tied.to(torch.uint8).argmax(-1)  # the first True
+
+
 __all__ = [
     "HeadSpec",
     "RegressionHead",
@@ -221,5 +233,6 @@ __all__ = [
     "CandidateScoreHead",
     "masked_log_softmax",
     "masked_fill_invalid",
+    "stable_argmax",
     "build_head",
 ]

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
-from netllm.heads import HeadSpec
+from netllm.heads import HeadSpec, stable_argmax
 from netllm.model import NetLLM, NetLLMConfig, read_adapter_config
 from netllm.options import opt
 from netllm.recipe import Recipe, decision_speed, run_adaptation
@@ -278,8 +278,8 @@ class NetLLMCJSPolicy:
     # ------------------------------------------------------------ the decision
 
     def _pick(self, logits: torch.Tensor, rng: random.Random) -> int:
-        if not self.sample:
-            return int(logits.argmax(-1))
+        if not self.sample:  # near-ties go to the first candidate: batch 1 and batch N decide alike
+            return int(stable_argmax(logits))
         probs = torch.softmax(logits.float().cpu() / self.temperature, -1).numpy()
         return rng.choices(range(probs.size), probs)[0]
 
