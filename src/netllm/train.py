@@ -31,6 +31,7 @@ the uninterrupted one.
 
 from __future__ import annotations
 
+import atexit
 import csv
 import logging
 import math
@@ -247,6 +248,16 @@ def wait_for_everyone() -> None:
         PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
 
 
+def _end_process_group() -> None:
+    """At exit, end this process's process group while the interpreter is still whole: a
+    gloo thread left running into its teardown aborts the process ("terminate called
+    without an active exception"), and the launcher then kills the other processes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class _LossModule(nn.Module):
     """``loss_fn(model, batch)`` as a module, so that DDP (which synchronises gradients
     through ``forward``) sees every loss, whatever model methods the task's loss calls."""
@@ -286,6 +297,9 @@ class Processes:
                                device_placement=False,
                                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        if self.world > 1:
+            atexit.unregister(_end_process_group)  # once, however many runs this process trains
+            atexit.register(_end_process_group)
         self.ddp = self.acc.prepare_model(_LossModule(model, loss_fn), device_placement=False)
 
     @property
