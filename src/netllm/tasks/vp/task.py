@@ -220,10 +220,11 @@ class VPRecipe(Recipe):
     """Every hyper-parameter of supervised VP adaptation, visible in one place; ``netllm
     adapt vp`` and ``netllm bench vp`` share these defaults. The recipe chosen on the
     validation splits (docs/results/vp.md, "Levers" and "Levers, round 2"): SmolLM2 cut to 6
-    layers, LoRA r = 32 (alpha 64) on the attention and the MLP projections, trained on the train splits of Jin2022 and Wu2017 together with windows cut
-    every 5 samples, half of every batch mirrored (yaw and roll negated), batch 32, lr 5e-4
-    with cosine decay to lr/10, 2,000 steps, the adapter best on a quarter of both valid
-    splits (checked every 100 steps). ``--epochs`` replaces ``--steps`` when given."""
+    layers, LoRA r = 32 (alpha 64) on the attention and the MLP projections, trained on the
+    train splits of Jin2022 and Wu2017 together with windows cut every 5 samples, half of
+    every batch mirrored (yaw and roll negated), batch 32, lr 5e-4 with cosine decay to
+    lr/10, 2,000 steps, the adapter best on a quarter of both valid splits (checked every
+    100 steps). ``--epochs`` replaces ``--steps`` when given."""
 
     layers: int | None = opt(6, "Keep only the first N decoder layers.", min=1)
     rank: int = opt(32, "LoRA rank (attention and, with --lora-mlp, MLP projections), alpha = 2 x rank "
