@@ -35,6 +35,27 @@ def test_regression_head_predicts_all_steps_in_one_pass() -> None:
         head(torch.randn(5, HIDDEN + 1))
 
 
+def test_regression_head_side_features_skip_the_llm() -> None:
+    head = build_head(HeadSpec("regression", steps=4, dims=3, side_dim=6), HIDDEN)
+    hidden, side = torch.randn(5, HIDDEN), torch.randn(5, 6)
+    out = head(hidden, side)
+    assert out.shape == (5, 4, 3)
+    # the MLP reads concat(hidden, side): the side features change the answer, the same inputs do not
+    assert not torch.allclose(out, head(hidden, side + 1.0))
+    assert torch.equal(out, head(hidden, side.clone()))
+    assert head(torch.randn(2, 7, HIDDEN), torch.randn(2, 7, 6)).shape == (2, 7, 4, 3)
+    with pytest.raises(NetLLMError, match=r"side features of shape \(5, 6\), got \(5, 5\)"):
+        head(hidden, torch.randn(5, 5))
+    with pytest.raises(NetLLMError, match="side features of shape"):
+        head(hidden)
+    with pytest.raises(NetLLMError, match="without side_dim"):
+        RegressionHead(HIDDEN, 4, 3)(hidden, side)
+    with pytest.raises(NetLLMError, match="side_dim must be an int >= 0"):
+        HeadSpec("regression", side_dim=-1)
+    with pytest.raises(NetLLMError, match="regression heads only"):
+        HeadSpec("categorical", num_classes=3, side_dim=2)
+
+
 def test_categorical_head_logits_and_mask() -> None:
     head = CategoricalHead(HIDDEN, num_classes=6)
     h = torch.randn(4, 7, HIDDEN)

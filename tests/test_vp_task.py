@@ -20,7 +20,7 @@ from netllm.tasks.vp.baselines import LSTMPredictor, LSTMRecipe, NoMotion, train
 from netllm.tasks.vp.dataset import angular_error, make_windows, synthetic_traces
 from netllm.tasks.vp.task import (TASK, NetLLMVPPolicy, VPAdaptOptions, VPBenchOptions, VPEvalOptions, VPRecipe,
                                   adapt, build_model, embed_steps, evaluate, model_config, predict_autoregressive,
-                                  predict_offsets, step_features)
+                                  motion_side, predict_offsets, step_features)
 from netllm.utils import NetLLMError
 
 
@@ -82,6 +82,28 @@ def test_lora_mlp_adapts_the_mlp_projections_and_round_trips(tiny_llama, samples
     model = NetLLM.from_adapter(folder, task="vp", device="cpu")
     assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= lora_modules(model)
     assert TASK.model_config(recipe).lora.mlp
+
+
+def test_head_skip_reads_the_observed_motion_and_round_trips(tiny_llama, samples, tmp_path):
+    assert not VPRecipe().head_skip
+    model = build_model(model_config(llm=tiny_llama, layers=2, rank=4, head_skip=True), device="cpu")
+    assert model.heads["future"].side_dim == 10 * 2 * 3  # hw x (offset, step) x 3 angles
+    pred = NetLLMVPPolicy(model).predict(samples.history[:8])  # still starts as no-motion
+    assert np.allclose(pred, NoMotion(20).predict(samples.history[:8]), atol=1e-5)
+    recipe = VPRecipe(llm=tiny_llama, layers=2, rank=4, steps=3, batch_size=8, eval_every=0, warmup_steps=0,
+                      head_skip=True)
+    folder = adapt(samples, tmp_path / "vp", recipe, device="cpu", progress=False)
+    policy = NetLLMVPPolicy.from_adapter(folder, device="cpu")
+    assert policy.model.heads["future"].side_dim == 60
+    feats = torch.as_tensor(step_features(samples.history[:4]))
+    moved = feats.clone()
+    moved[:, :, 2] += 0.5  # other steps, same LLM input otherwise: the skip path sees it
+    with torch.no_grad():
+        head = policy.model.heads["future"]
+        hidden, _ = policy.model.hidden(embed_steps(policy.model, feats))
+        assert not torch.allclose(head(hidden[:, -1], motion_side(feats)), head(hidden[:, -1], motion_side(moved)))
+    assert TASK.model_config(recipe).heads["future"].side_dim == 60
+    assert np.isfinite(policy.predict(samples.history[:4])).all()
 
 
 def test_image_token_per_step_on_generated_frames(tmp_path, tiny_llama, samples):

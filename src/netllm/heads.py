@@ -31,6 +31,8 @@ class HeadSpec:
     regression: ``steps`` x ``dims`` values; categorical: ``num_classes`` logits;
     candidates: one score per candidate of width ``candidate_dim``.
     ``hidden_layers`` / ``width`` shape the MLP (0 hidden layers = a single Linear).
+    ``side_dim`` (regression only): the head also reads that many task features beside
+    the hidden state, a skip path past the LLM (e.g. the last observed motion).
     """
 
     kind: HeadKind
@@ -40,6 +42,7 @@ class HeadSpec:
     candidate_dim: int | None = None
     hidden_layers: int = 1
     width: int = 256
+    side_dim: int = 0
 
     def __post_init__(self) -> None:
         where = f"head spec ({self.kind!r})"
@@ -53,6 +56,10 @@ class HeadSpec:
             for field in ("steps", "dims"):
                 if not _is_pos_int(getattr(self, field)):
                     raise NetLLMError(f"{where}: {field} must be a positive int, got {getattr(self, field)!r}")
+        if not (isinstance(self.side_dim, int) and not isinstance(self.side_dim, bool) and self.side_dim >= 0):
+            raise NetLLMError(f"{where}: side_dim must be an int >= 0, got {self.side_dim!r}")
+        if self.side_dim and self.kind != "regression":
+            raise NetLLMError(f"{where}: side_dim is for regression heads only")
         if self.kind == "categorical" and not (_is_pos_int(self.num_classes) and self.num_classes >= 2):
             raise NetLLMError(f"{where}: num_classes must be an int >= 2, got {self.num_classes!r}")
         if self.kind == "candidates" and not _is_pos_int(self.candidate_dim):
@@ -117,17 +124,30 @@ def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) 
 class RegressionHead(nn.Module):
     """All ``steps`` future values of ``dims`` each, from ONE pass (no autoregression).
 
-    ``(..., hidden_size) -> (..., steps, dims)``.
+    ``(..., hidden_size) [+ side (..., side_dim)] -> (..., steps, dims)``. With
+    ``side_dim > 0`` the MLP reads ``concat(hidden, side)``: task features that skip the
+    LLM, so the head sees the raw input at full precision beside the LLM's summary of it.
     """
 
-    def __init__(self, hidden_size: int, steps: int, dims: int, hidden_layers: int = 1, width: int = 256) -> None:
+    def __init__(self, hidden_size: int, steps: int, dims: int, hidden_layers: int = 1, width: int = 256,
+                 side_dim: int = 0) -> None:
         super().__init__()
-        self.hidden_size, self.steps, self.dims = hidden_size, steps, dims
-        self.mlp = _mlp(hidden_size, steps * dims, hidden_layers, width)
+        self.hidden_size, self.steps, self.dims, self.side_dim = hidden_size, steps, dims, side_dim
+        self.mlp = _mlp(hidden_size + side_dim, steps * dims, hidden_layers, width)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         hidden = _check_hidden(hidden, self.hidden_size, "RegressionHead")
-        out = self.mlp(hidden.to(self.mlp[0].weight.dtype))
+        dtype = self.mlp[0].weight.dtype
+        x = hidden.to(dtype)
+        if self.side_dim:
+            if not isinstance(side, torch.Tensor) or tuple(side.shape) != (*hidden.shape[:-1], self.side_dim):
+                got = tuple(side.shape) if isinstance(side, torch.Tensor) else type(side).__name__
+                raise NetLLMError(f"RegressionHead: expected side features of shape "
+                                  f"{(*hidden.shape[:-1], self.side_dim)}, got {got}")
+            x = torch.cat([x, side.to(device=x.device, dtype=dtype)], dim=-1)
+        elif side is not None:
+            raise NetLLMError("RegressionHead: side features given to a head built without side_dim")
+        out = self.mlp(x)
         return out.reshape(*hidden.shape[:-1], self.steps, self.dims)
 
 
@@ -204,7 +224,7 @@ class CandidateScoreHead(nn.Module):
 def build_head(spec: HeadSpec, hidden_size: int) -> nn.Module:
     """The head for one spec, reading LLM hidden states of width ``hidden_size``."""
     if spec.kind == "regression":
-        return RegressionHead(hidden_size, spec.steps, spec.dims, spec.hidden_layers, spec.width)
+        return RegressionHead(hidden_size, spec.steps, spec.dims, spec.hidden_layers, spec.width, spec.side_dim)
     if spec.kind == "categorical":
         assert spec.num_classes is not None
         return CategoricalHead(hidden_size, spec.num_classes, spec.hidden_layers, spec.width)

@@ -63,6 +63,7 @@ from netllm.utils import NetLLMError, atomic_write_json, seed_everything
 console = Console()
 
 TOKEN_FEATURES = 3  # absolute, offset to last, step (see the module docstring)
+SIDE_FEATURES = 2  # the head's skip path: offset to last and step (the motion, not where the viewer looks)
 
 
 # ----------------------------------------------------------------------------- model
@@ -70,13 +71,15 @@ TOKEN_FEATURES = 3  # absolute, offset to last, step (see the module docstring)
 
 def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32, hw: int = 10, fw: int = 20,
                  pretrained: bool = True, seed: int = 0, image: Any = None,
-                 lora_dropout: float = 0.05, lora_mlp: bool = False) -> NetLLMConfig:
-    """The VP model: a viewport token (+ an optional frame token) per step, one regression head."""
+                 lora_dropout: float = 0.05, lora_mlp: bool = False, head_skip: bool = False) -> NetLLMConfig:
+    """The VP model: a viewport token (+ an optional frame token) per step, one regression head
+    (``head_skip``: which also reads the observed motion, see ``motion_side``)."""
     encoders = [EncoderSpec("viewport", "series", in_dim=TOKEN_FEATURES, length=3, kernel_size=3)]
     if image is not None:
         encoders.append(EncoderSpec("frame", "image", vision=image))
     return NetLLMConfig(
-        task="vp", encoders=encoders, heads={"future": HeadSpec("regression", steps=fw, dims=3)},
+        task="vp", encoders=encoders, heads={"future": HeadSpec("regression", steps=fw, dims=3,
+                                  side_dim=hw * SIDE_FEATURES * 3 if head_skip else 0)},
         llm=llm, layers=layers,
         lora=(LoraSpec(rank=rank, alpha=2 * rank, dropout=lora_dropout, mlp=lora_mlp) if rank
               else LoraSpec(rank=0)),
@@ -110,10 +113,17 @@ def embed_steps(model: NetLLM, features: torch.Tensor, frames: torch.Tensor | No
     return tokens
 
 
+def motion_side(features: torch.Tensor) -> torch.Tensor:
+    """(B, hw, 3, 3) step features -> (B, hw * 2 * 3): the observed motion (offsets to the
+    last orientation and steps) that a skip head reads beside the LLM's last hidden state."""
+    return features[:, :, 1:1 + SIDE_FEATURES].flatten(1)
+
+
 def predict_offsets(model: NetLLM, features: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
     """ONE LLM pass: (B, hw, 3, 3) -> (B, fw, 3) scaled offsets to the last orientation."""
     hidden, _ = model.hidden(embed_steps(model, features, frames))
-    return model.heads["future"](hidden[:, -1])
+    head = model.heads["future"]
+    return head(hidden[:, -1], motion_side(features) if head.side_dim else None)
 
 
 def predict_autoregressive(model: NetLLM, history: np.ndarray, fw: int) -> np.ndarray:
@@ -251,6 +261,8 @@ class VPRecipe(Recipe):
     lora_mlp: bool = opt(True, "Also adapt the MLP projections (gate, up, down) with LoRA, not only attention "
                                "(chosen on the valid splits).")
     valid_stride: int = opt(VALID_STRIDE, "Validate on every N-th window of the valid split (1: all).", min=1)
+    head_skip: bool = opt(False, "The head also reads the observed motion of the history (offsets and steps) "
+                                 "beside the LLM's last hidden state: a skip path past the LLM.")
 
     def check(self) -> None:
         super().check()
@@ -398,7 +410,7 @@ def adapt(train_samples: Samples, out: Path, recipe: VPRecipe, *, valid: Samples
     seed_everything(recipe.seed)
     config = model_config(llm=recipe.llm, layers=recipe.layers, rank=recipe.rank, hw=recipe.hw, fw=recipe.fw,
                           pretrained=recipe.pretrained, seed=recipe.seed, lora_dropout=recipe.lora_dropout,
-                          lora_mlp=recipe.lora_mlp)
+                          lora_mlp=recipe.lora_mlp, head_skip=recipe.head_skip)
     model = build_model(config, device=device)
     validate = None
     if valid is not None:
@@ -437,7 +449,7 @@ class VPTask(Task):
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, VPRecipe) else VPRecipe()
         return model_config(llm=r.llm, layers=r.layers, rank=r.rank, hw=r.hw, fw=r.fw, pretrained=r.pretrained,
-                            seed=r.seed, lora_dropout=r.lora_dropout, lora_mlp=r.lora_mlp)
+                            seed=r.seed, lora_dropout=r.lora_dropout, lora_mlp=r.lora_mlp, head_skip=r.head_skip)
 
     def baselines(self) -> dict[str, Callable[[VPEvalOptions], Any]]:
         return {name: (lambda options, n=name: make_baseline(n, options.fw)) for name in BASELINES}
