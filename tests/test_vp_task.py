@@ -359,3 +359,9 @@ def test_bench_over_two_training_seeds_reports_spread_and_paired_intervals(tiny_
     again = TASK.bench(options, tmp_path / "bench", device="cpu")
     assert not [k for k in again["wall_s"] if k.startswith(("adapt", "train"))]  # every stage reused
     assert again["Jin2022"][label]["mean"] == summary["Jin2022"][label]["mean"]
+    # the same folder under another recipe: one line naming the folder and the field, nothing trained
+    other = VPBenchOptions.build(llm=tiny_llama, layers=2, rank=4, steps=4, batch_size=8, eval_every=2,
+                                 warmup_steps=0, step=300, valid_stride=8, train_seeds="0-1", controls="random",
+                                 head_skip=True)
+    with pytest.raises(NetLLMError, match=rf"{label}-seed0: holds a run of another recipe \(head_skip: False there"):
+        TASK.bench(other, tmp_path / "bench", device="cpu")

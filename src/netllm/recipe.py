@@ -174,12 +174,40 @@ def train_variants(variants: dict[str, Recipe], train_seeds: list[int], out: Pat
         for s in train_seeds:
             folder = runs.setdefault(name, {}).setdefault(s, out / f"{name}-seed{s}")
             seeded = replace(recipe, seed=s)
+            check_same_recipe(folder, seeded)
             if stage_done(folder, seeded.total_steps(num_samples)):
                 continue
             t0 = time.perf_counter()
             train(seeded, folder)
             wall_s[f"adapt {folder.name}"] = time.perf_counter() - t0
     return runs
+
+
+def check_same_recipe(folder: Path, recipe: Recipe) -> None:
+    """A benchmark reuses (or resumes) the run in ``folder`` only if it was trained by
+    ``recipe``: a run of another recipe is a one-line error, not a silently wrong row. A
+    field the stored recipe lacks (added since) counts as its default."""
+    import json
+
+    from netllm.model import ADAPTER_CONFIG
+
+    config = folder / ADAPTER_CONFIG
+    if not config.is_file():
+        return
+    try:
+        stored = json.loads(config.read_text()).get("extra", {}).get("recipe")
+    except (OSError, ValueError) as e:
+        raise NetLLMError(f"{config}: unreadable ({e})") from e
+    if not isinstance(stored, dict):
+        return
+    wanted = json.loads(json.dumps(asdict(recipe), default=str))
+    defaults = json.loads(json.dumps(asdict(type(recipe)()), default=str))
+    differ = [k for k, v in wanted.items() if stored.get(k, defaults.get(k)) != v]
+    if differ:
+        k = differ[0]
+        raise NetLLMError(f"{folder}: holds a run of another recipe ({k}: {stored.get(k, defaults.get(k))!r} there, "
+                          f"{wanted[k]!r} now{f', and {len(differ) - 1} more' if len(differ) > 1 else ''}); "
+                          "use another --out or remove it")
 
 
 def stage_done(folder: Path, steps: int) -> bool:
