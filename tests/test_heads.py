@@ -56,6 +56,32 @@ def test_regression_head_side_features_skip_the_llm() -> None:
         HeadSpec("categorical", num_classes=3, side_dim=2)
 
 
+def test_recurrent_regression_head_unrolls_a_trajectory() -> None:
+    head = build_head(HeadSpec("regression", steps=5, dims=3, decoder="recurrent", width=16, side_dim=2), HIDDEN)
+    torch.nn.init.zeros_(head.output_layer.weight)
+    torch.nn.init.zeros_(head.output_layer.bias)
+    assert torch.equal(head(torch.randn(4, HIDDEN), torch.randn(4, 2)), torch.zeros(4, 5, 3))  # zeroed output
+    torch.nn.init.normal_(head.output_layer.weight, std=0.5)
+    hidden, side = torch.randn(4, HIDDEN), torch.randn(4, 2)
+    out = head(hidden, side)
+    assert out.shape == (4, 5, 3)
+    # by hand: the initial state from concat(hidden, side), each step fed its previous value and added to it
+    h, c = head.init(torch.cat([hidden, side], -1)).chunk(2, -1)
+    h, value, want = torch.tanh(h), torch.zeros(4, 3), []
+    for _ in range(5):
+        h, c = head.cell(value, (h, c))
+        value = value + head.output_layer(h)
+        want.append(value)
+    assert torch.allclose(out, torch.stack(want, 1), atol=1e-6)
+    assert head(torch.randn(2, 7, HIDDEN), torch.randn(2, 7, 2)).shape == (2, 7, 5, 3)
+    out.sum().backward()
+    assert all(p.grad is not None for p in head.parameters())
+    with pytest.raises(NetLLMError, match="decoder must be one of"):
+        HeadSpec("regression", decoder="gru")
+    with pytest.raises(NetLLMError, match="for regression heads only"):
+        HeadSpec("categorical", num_classes=3, decoder="recurrent")
+
+
 def test_categorical_head_logits_and_mask() -> None:
     head = CategoricalHead(HIDDEN, num_classes=6)
     h = torch.randn(4, 7, HIDDEN)

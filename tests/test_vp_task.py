@@ -106,6 +106,23 @@ def test_head_skip_reads_the_observed_motion_and_round_trips(tiny_llama, samples
     assert np.isfinite(policy.predict(samples.history[:4])).all()
 
 
+def test_recurrent_head_decodes_step_by_step_and_round_trips(tiny_llama, samples, tmp_path):
+    assert VPRecipe().head_decoder == "mlp"
+    model = build_model(model_config(llm=tiny_llama, layers=2, rank=4, head_decoder="recurrent"), device="cpu")
+    pred = NetLLMVPPolicy(model).predict(samples.history[:8])  # starts as no-motion too
+    assert np.allclose(pred, NoMotion(20).predict(samples.history[:8]), atol=1e-5)
+    recipe = VPRecipe(llm=tiny_llama, layers=2, rank=4, steps=3, batch_size=8, eval_every=0, warmup_steps=0,
+                      lr=1e-2, head_decoder="recurrent")
+    folder = adapt(samples, tmp_path / "vp", recipe, device="cpu", progress=False)
+    policy = NetLLMVPPolicy.from_adapter(folder, device="cpu")
+    assert policy.model.heads["future"].decoder == "recurrent"
+    assert np.array_equal(policy.predict(samples.history[:6]),
+                          NetLLMVPPolicy.from_adapter(folder, device="cpu").predict(samples.history[:6]))
+    assert not np.allclose(policy.predict(samples.history[:6]), NoMotion(20).predict(samples.history[:6]))
+    with pytest.raises(NetLLMError, match="--head-decoder"):
+        VPAdaptOptions.build(head_decoder="gru")
+
+
 def test_image_token_per_step_on_generated_frames(tmp_path, tiny_llama, samples):
     from transformers import ViTConfig
 

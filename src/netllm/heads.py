@@ -22,6 +22,7 @@ from netllm.utils import NetLLMError
 
 HeadKind = Literal["regression", "categorical", "candidates"]
 HEAD_KINDS: tuple[str, ...] = ("regression", "categorical", "candidates")
+REGRESSION_DECODERS: tuple[str, ...] = ("mlp", "recurrent")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class HeadSpec:
     ``hidden_layers`` / ``width`` shape the MLP (0 hidden layers = a single Linear).
     ``side_dim`` (regression only): the head also reads that many task features beside
     the hidden state, a skip path past the LLM (e.g. the last observed motion).
+    ``decoder`` (regression only): ``mlp`` maps to all values at once; ``recurrent`` unrolls
+    a small LSTM cell from that input, one step per future step, each step's output added
+    to the previous value (a trajectory decoder; still ONE LLM pass).
     """
 
     kind: HeadKind
@@ -43,6 +47,7 @@ class HeadSpec:
     hidden_layers: int = 1
     width: int = 256
     side_dim: int = 0
+    decoder: str = "mlp"
 
     def __post_init__(self) -> None:
         where = f"head spec ({self.kind!r})"
@@ -60,6 +65,10 @@ class HeadSpec:
             raise NetLLMError(f"{where}: side_dim must be an int >= 0, got {self.side_dim!r}")
         if self.side_dim and self.kind != "regression":
             raise NetLLMError(f"{where}: side_dim is for regression heads only")
+        if self.decoder not in REGRESSION_DECODERS:
+            raise NetLLMError(f"{where}: decoder must be one of {REGRESSION_DECODERS}, got {self.decoder!r}")
+        if self.decoder != "mlp" and self.kind != "regression":
+            raise NetLLMError(f"{where}: decoder {self.decoder!r} is for regression heads only")
         if self.kind == "categorical" and not (_is_pos_int(self.num_classes) and self.num_classes >= 2):
             raise NetLLMError(f"{where}: num_classes must be an int >= 2, got {self.num_classes!r}")
         if self.kind == "candidates" and not _is_pos_int(self.candidate_dim):
@@ -122,22 +131,38 @@ def masked_log_softmax(logits: torch.Tensor, mask: torch.Tensor, dim: int = -1) 
 
 
 class RegressionHead(nn.Module):
-    """All ``steps`` future values of ``dims`` each, from ONE pass (no autoregression).
+    """All ``steps`` future values of ``dims`` each, from ONE LLM pass (no autoregression).
 
     ``(..., hidden_size) [+ side (..., side_dim)] -> (..., steps, dims)``. With
-    ``side_dim > 0`` the MLP reads ``concat(hidden, side)``: task features that skip the
+    ``side_dim > 0`` the head reads ``concat(hidden, side)``: task features that skip the
     LLM, so the head sees the raw input at full precision beside the LLM's summary of it.
+    ``decoder="mlp"``: one MLP maps that input to every value; ``"recurrent"``: an MLP maps
+    it to the initial state of an LSTM cell, which is unrolled ``steps`` times, fed its
+    previous value and adding its output to it (values start from 0). Either way
+    ``output_layer`` is the last Linear: zeroed, the head predicts 0 everywhere.
     """
 
     def __init__(self, hidden_size: int, steps: int, dims: int, hidden_layers: int = 1, width: int = 256,
-                 side_dim: int = 0) -> None:
+                 side_dim: int = 0, decoder: str = "mlp") -> None:
         super().__init__()
         self.hidden_size, self.steps, self.dims, self.side_dim = hidden_size, steps, dims, side_dim
-        self.mlp = _mlp(hidden_size + side_dim, steps * dims, hidden_layers, width)
+        self.decoder = decoder
+        if decoder == "mlp":
+            self.mlp = _mlp(hidden_size + side_dim, steps * dims, hidden_layers, width)
+        elif decoder == "recurrent":
+            self.init = _mlp(hidden_size + side_dim, 2 * width, hidden_layers, width)
+            self.cell = nn.LSTMCell(dims, width)
+            self.step_out = nn.Linear(width, dims)
+        else:
+            raise NetLLMError(f"RegressionHead: decoder must be one of {REGRESSION_DECODERS}, got {decoder!r}")
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.mlp[-1] if self.decoder == "mlp" else self.step_out
 
     def forward(self, hidden: torch.Tensor, side: torch.Tensor | None = None) -> torch.Tensor:
         hidden = _check_hidden(hidden, self.hidden_size, "RegressionHead")
-        dtype = self.mlp[0].weight.dtype
+        dtype = self.output_layer.weight.dtype
         x = hidden.to(dtype)
         if self.side_dim:
             if not isinstance(side, torch.Tensor) or tuple(side.shape) != (*hidden.shape[:-1], self.side_dim):
@@ -147,8 +172,19 @@ class RegressionHead(nn.Module):
             x = torch.cat([x, side.to(device=x.device, dtype=dtype)], dim=-1)
         elif side is not None:
             raise NetLLMError("RegressionHead: side features given to a head built without side_dim")
-        out = self.mlp(x)
-        return out.reshape(*hidden.shape[:-1], self.steps, self.dims)
+        if self.decoder == "mlp":
+            out = self.mlp(x)
+            return out.reshape(*hidden.shape[:-1], self.steps, self.dims)
+        flat = x.reshape(-1, x.shape[-1])
+        h, c = self.init(flat).chunk(2, dim=-1)
+        h = torch.tanh(h)
+        value = flat.new_zeros(flat.shape[0], self.dims)
+        outs = []
+        for _ in range(self.steps):
+            h, c = self.cell(value, (h, c))
+            value = value + self.step_out(h)
+            outs.append(value)
+        return torch.stack(outs, dim=1).reshape(*hidden.shape[:-1], self.steps, self.dims)
 
 
 class CategoricalHead(nn.Module):
@@ -224,7 +260,8 @@ class CandidateScoreHead(nn.Module):
 def build_head(spec: HeadSpec, hidden_size: int) -> nn.Module:
     """The head for one spec, reading LLM hidden states of width ``hidden_size``."""
     if spec.kind == "regression":
-        return RegressionHead(hidden_size, spec.steps, spec.dims, spec.hidden_layers, spec.width, spec.side_dim)
+        return RegressionHead(hidden_size, spec.steps, spec.dims, spec.hidden_layers, spec.width, spec.side_dim,
+                              spec.decoder)
     if spec.kind == "categorical":
         assert spec.num_classes is not None
         return CategoricalHead(hidden_size, spec.num_classes, spec.hidden_layers, spec.width)

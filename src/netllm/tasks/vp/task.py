@@ -29,7 +29,7 @@ from rich.console import Console
 
 from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
-from netllm.heads import HeadSpec
+from netllm.heads import REGRESSION_DECODERS, HeadSpec
 from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig
 from netllm.options import Options, opt, split_list
 from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, run_adaptation, train_variants)
@@ -71,7 +71,8 @@ SIDE_FEATURES = 2  # the head's skip path: offset to last and step (the motion, 
 
 def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32, hw: int = 10, fw: int = 20,
                  pretrained: bool = True, seed: int = 0, image: Any = None,
-                 lora_dropout: float = 0.05, lora_mlp: bool = False, head_skip: bool = False) -> NetLLMConfig:
+                 lora_dropout: float = 0.05, lora_mlp: bool = False, head_skip: bool = False,
+                 head_decoder: str = "mlp") -> NetLLMConfig:
     """The VP model: a viewport token (+ an optional frame token) per step, one regression head
     (``head_skip``: which also reads the observed motion, see ``motion_side``)."""
     encoders = [EncoderSpec("viewport", "series", in_dim=TOKEN_FEATURES, length=3, kernel_size=3)]
@@ -79,7 +80,8 @@ def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32
         encoders.append(EncoderSpec("frame", "image", vision=image))
     return NetLLMConfig(
         task="vp", encoders=encoders, heads={"future": HeadSpec("regression", steps=fw, dims=3,
-                                  side_dim=hw * SIDE_FEATURES * 3 if head_skip else 0)},
+                                  side_dim=hw * SIDE_FEATURES * 3 if head_skip else 0,
+                                  decoder=head_decoder)},
         llm=llm, layers=layers,
         lora=(LoraSpec(rank=rank, alpha=2 * rank, dropout=lora_dropout, mlp=lora_mlp) if rank
               else LoraSpec(rank=0)),
@@ -89,7 +91,7 @@ def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32
 
 def build_model(config: NetLLMConfig, device: str = "auto") -> NetLLM:
     model = NetLLM(config, device=device)
-    last = model.heads["future"].mlp[-1]
+    last = model.heads["future"].output_layer
     torch.nn.init.zeros_(last.weight)  # start as the no-motion predictor
     torch.nn.init.zeros_(last.bias)
     return model
@@ -263,6 +265,10 @@ class VPRecipe(Recipe):
     valid_stride: int = opt(VALID_STRIDE, "Validate on every N-th window of the valid split (1: all).", min=1)
     head_skip: bool = opt(False, "The head also reads the observed motion of the history (offsets and steps) "
                                  "beside the LLM's last hidden state: a skip path past the LLM.")
+    head_decoder: str = opt("mlp", "How the head decodes the 20 future offsets from the last hidden state: mlp "
+                                   "(all at once), recurrent (a small LSTM cell unrolled step by step, each step "
+                                   "added to the last, as the LSTM baseline decodes; still one LLM pass).",
+                            choices=REGRESSION_DECODERS)
 
     def check(self) -> None:
         super().check()
@@ -410,7 +416,8 @@ def adapt(train_samples: Samples, out: Path, recipe: VPRecipe, *, valid: Samples
     seed_everything(recipe.seed)
     config = model_config(llm=recipe.llm, layers=recipe.layers, rank=recipe.rank, hw=recipe.hw, fw=recipe.fw,
                           pretrained=recipe.pretrained, seed=recipe.seed, lora_dropout=recipe.lora_dropout,
-                          lora_mlp=recipe.lora_mlp, head_skip=recipe.head_skip)
+                          lora_mlp=recipe.lora_mlp, head_skip=recipe.head_skip,
+                          head_decoder=recipe.head_decoder)
     model = build_model(config, device=device)
     validate = None
     if valid is not None:
@@ -449,7 +456,8 @@ class VPTask(Task):
     def model_config(self, recipe: Recipe | None = None) -> NetLLMConfig:
         r = recipe if isinstance(recipe, VPRecipe) else VPRecipe()
         return model_config(llm=r.llm, layers=r.layers, rank=r.rank, hw=r.hw, fw=r.fw, pretrained=r.pretrained,
-                            seed=r.seed, lora_dropout=r.lora_dropout, lora_mlp=r.lora_mlp, head_skip=r.head_skip)
+                            seed=r.seed, lora_dropout=r.lora_dropout, lora_mlp=r.lora_mlp, head_skip=r.head_skip,
+                            head_decoder=r.head_decoder)
 
     def baselines(self) -> dict[str, Callable[[VPEvalOptions], Any]]:
         return {name: (lambda options, n=name: make_baseline(n, options.fw)) for name in BASELINES}
