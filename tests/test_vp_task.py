@@ -382,3 +382,9 @@ def test_bench_over_two_training_seeds_reports_spread_and_paired_intervals(tiny_
                                  head_skip=True)
     with pytest.raises(NetLLMError, match=rf"{label}-seed0: holds a run of another recipe \(head_skip: False there"):
         TASK.bench(other, tmp_path / "bench", device="cpu")
+    from netllm.recipe import check_same_recipe
+    from netllm.tasks.vp.baselines import LSTM_CONFIG
+
+    check_same_recipe(tmp_path / "bench" / "lstm-seed1", LSTMRecipe(seed=1, augment="mirror"), LSTM_CONFIG)
+    with pytest.raises(NetLLMError, match=r"lstm-seed1: holds a run of another recipe \(augment: 'mirror' there"):
+        check_same_recipe(tmp_path / "bench" / "lstm-seed1", LSTMRecipe(seed=1, augment="none"), LSTM_CONFIG)

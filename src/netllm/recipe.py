@@ -183,19 +183,22 @@ def train_variants(variants: dict[str, Recipe], train_seeds: list[int], out: Pat
     return runs
 
 
-def check_same_recipe(folder: Path, recipe: Recipe) -> None:
+def check_same_recipe(folder: Path, recipe: Any, config_file: str | None = None) -> None:
     """A benchmark reuses (or resumes) the run in ``folder`` only if it was trained by
-    ``recipe``: a run of another recipe is a one-line error, not a silently wrong row. A
-    field the stored recipe lacks (added since) counts as its default."""
+    ``recipe`` (a dataclass): a run of another recipe is a one-line error, not a silently
+    wrong row. The stored recipe is ``extra.recipe`` (an adapter's config) or ``recipe``
+    (a small model's) of ``config_file`` (default: the adapter config). A field the stored
+    recipe lacks (added since) counts as its default."""
     import json
 
     from netllm.model import ADAPTER_CONFIG
 
-    config = folder / ADAPTER_CONFIG
+    config = folder / (config_file or ADAPTER_CONFIG)
     if not config.is_file():
         return
     try:
-        stored = json.loads(config.read_text()).get("extra", {}).get("recipe")
+        saved = json.loads(config.read_text())
+        stored = saved.get("extra", {}).get("recipe", saved.get("recipe"))
     except (OSError, ValueError) as e:
         raise NetLLMError(f"{config}: unreadable ({e})") from e
     if not isinstance(stored, dict):

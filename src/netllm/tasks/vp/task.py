@@ -32,7 +32,8 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import REGRESSION_DECODERS, HeadSpec
 from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig
 from netllm.options import Options, opt, split_list
-from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_policy, run_adaptation, train_variants)
+from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_same_recipe, check_train_seeds, load_policy, run_adaptation,
+                           train_variants)
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.vp.baselines import (
@@ -543,10 +544,11 @@ class VPTask(Task):
             train=lambda r, folder: adapt(train_samples, folder, r, valid=valid, device=device, resume=True)))
         for s in train_seeds:
             folder = runs["lstm"][s] = out / f"lstm-seed{s}"
+            lstm_recipe = LSTMRecipe(seed=s, hw=spec.hw, fw=spec.fw, augment=recipe.augment)
+            check_same_recipe(folder, lstm_recipe, LSTM_CONFIG)
             if not (folder / LSTM_CONFIG).is_file():
                 t0 = time.perf_counter()
-                train_lstm(train_samples, valid, LSTMRecipe(seed=s, hw=spec.hw, fw=spec.fw, augment=recipe.augment),
-                           folder, log=lambda *_: None)
+                train_lstm(train_samples, valid, lstm_recipe, folder, log=lambda *_: None)
                 summary["wall_s"][f"train {folder.name}"] = time.perf_counter() - t0
         for dataset in DATASETS:
             # the evaluation's windows (every VPEvalOptions.step samples), whatever --step trains on
