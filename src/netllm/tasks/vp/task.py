@@ -79,10 +79,10 @@ def model_config(*, llm: str = "smollm2", layers: int | None = 6, rank: int = 32
     encoders = [EncoderSpec("viewport", "series", in_dim=TOKEN_FEATURES, length=3, kernel_size=3)]
     if image is not None:
         encoders.append(EncoderSpec("frame", "image", vision=image))
+    future = HeadSpec("regression", steps=fw, dims=3, side_dim=hw * SIDE_FEATURES * 3 if head_skip else 0,
+                      decoder=head_decoder)
     return NetLLMConfig(
-        task="vp", encoders=encoders, heads={"future": HeadSpec("regression", steps=fw, dims=3,
-                                  side_dim=hw * SIDE_FEATURES * 3 if head_skip else 0,
-                                  decoder=head_decoder)},
+        task="vp", encoders=encoders, heads={"future": future},
         llm=llm, layers=layers,
         lora=(LoraSpec(rank=rank, alpha=2 * rank, dropout=lora_dropout, mlp=lora_mlp) if rank
               else LoraSpec(rank=0)),
