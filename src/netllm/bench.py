@@ -114,10 +114,20 @@ def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    # Counted with eager attention, whose matrix products the counter sees: it does not
+    # count CPU sdpa kernels and rejects grouped KV heads in the CUDA ones. Timed with the
+    # backbone's own attention after one warm-up step of it.
+    config = bb.config
+    attention = config._attn_implementation
     counter = FlopCounterMode(display=False)
-    with counter:  # also the warm-up
-        step()
+    try:
+        config._attn_implementation = "eager"
+        with counter:
+            step()
+    finally:
+        config._attn_implementation = attention
     flops = float(counter.get_total_flops())
+    step()
     times = _timed(step, repeats)
     median = statistics.median(times)
     # the frozen weights a token multiplies: neither embedding tables nor the (unused) LM head
