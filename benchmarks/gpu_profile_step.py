@@ -28,60 +28,63 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
 
-def main() -> None:
-    from gpu_foundation import smollm2_shaped
-
+def profile_shape(llm: str, dev: torch.device, batch: int, tokens: int, precision: str) -> None:
+    """Time and profile training steps of one shape (prints the results)."""
     from netllm.backbone import LoraSpec, load_backbone
     from netllm.recipe import set_precision
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    bb = load_backbone(llm, lora=LoraSpec(rank=16), device=str(dev))
+    set_precision(bb, precision)
+    bb.train()
+    opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.randn(batch, tokens, bb.hidden_size, device=dev)
+    mask = torch.ones(batch, tokens, dtype=torch.long, device=dev)
+
+    def step() -> None:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            hidden, _ = bb(x, mask)
+        hidden.float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    sync()
+    n = 10
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    enqueue = (time.perf_counter() - t0) / n
+    sync()
+    wall = (time.perf_counter() - t0) / n
+    print(f"{batch}x{tokens} {precision}: {wall * 1e3:.1f} ms/step ({enqueue * 1e3:.1f} ms to enqueue)", flush=True)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        step()
+        sync()
+    events = prof.key_averages()
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
+    # the table's footer gives the device-busy time ("Self CUDA time total")
+    print(f"kernels launched: {sum(e.count for e in events if e.key in LAUNCHES)}", flush=True)
+
+
+def main() -> None:
+    from gpu_foundation import smollm2_shaped
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", type=int, default=2, help="profile the first N shapes (1 or 2)")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     with tempfile.TemporaryDirectory() as tmp:
         llm = smollm2_shaped(Path(tmp) / "smollm2-135m-random")
         for batch, tokens, precision in ((8, 160, "no"), (16, 30, "bf16"))[: args.shapes]:
             if precision == "bf16" and dev.type != "cuda":
                 continue
-            bb = load_backbone(llm, lora=LoraSpec(rank=16), device=str(dev))
-            set_precision(bb, precision)
-            bb.train()
-            opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad], lr=1e-4)
-            x = torch.randn(batch, tokens, bb.hidden_size, device=dev)
-            mask = torch.ones(batch, tokens, dtype=torch.long, device=dev)
-
-            def step() -> None:
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    hidden, _ = bb(x, mask)
-                hidden.float().pow(2).mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            for _ in range(3):
-                step()
-            sync()
-            n = 10
-            t0 = time.perf_counter()
-            for _ in range(n):
-                step()
-            enqueue = (time.perf_counter() - t0) / n
-            sync()
-            wall = (time.perf_counter() - t0) / n
-            print(f"{batch}x{tokens} {precision}: {wall * 1e3:.1f} ms/step ({enqueue * 1e3:.1f} ms to enqueue)",
-                  flush=True)
-            activities = [torch.profiler.ProfilerActivity.CPU]
-            if dev.type == "cuda":
-                activities.append(torch.profiler.ProfilerActivity.CUDA)
-            with torch.profiler.profile(activities=activities) as prof:
-                step()
-                sync()
-            events = prof.key_averages()
-            print(events.table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-            # the table's footer gives the device-busy time ("Self CUDA time total")
-            print(f"kernels launched: {sum(e.count for e in events if e.key in LAUNCHES)}", flush=True)
-            del bb, opt
+            profile_shape(llm, dev, batch, tokens, precision)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
 
