@@ -12,7 +12,7 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.model import NetLLM, NetLLMConfig
 from netllm.rl import (ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss,
-                       returns_to_go, target_return)
+                       default_use_cache, returns_to_go, target_return)
 from netllm.utils import NetLLMError
 
 SPEC = RLSpec(state_modalities=("throughput", "buffer"), context_steps=4, num_actions=3, max_timestep=64)
@@ -153,6 +153,16 @@ def test_incremental_matches_full_recompute(tiny_llama):
     assert worst < 1e-4
     assert max(lengths) <= SPEC.context_steps * SPEC.tokens_per_step  # context never exceeds K steps
     assert lengths[1] - lengths[0] == SPEC.tokens_per_step  # one step of new tokens per decision
+
+
+def test_cache_by_default_on_cpu_recompute_on_cuda(tiny_llama):
+    """The decision path's default follows the device (the cache was measured slower on
+    an H200); an explicit choice wins."""
+    assert default_use_cache("cpu") and default_use_cache(torch.device("cpu"))
+    assert not default_use_cache("cuda") and not default_use_cache(torch.device("cuda", 0))
+    model = perturbed_model(tiny_llama)
+    assert IncrementalPolicy(model, target=3.0).use_cache is True
+    assert IncrementalPolicy(model, target=3.0, use_cache=False).use_cache is False
 
 
 def test_incremental_first_decision_equals_training_window(tiny_llama):

@@ -164,10 +164,10 @@ def test_one_recipe_holds_every_default():
     r = VPRecipe()
     assert (r.llm, r.layers, r.rank, r.batch_size, r.epochs, r.steps, r.lr, r.warmup_steps, r.weight_decay,
             r.schedule, r.eval_every, r.pretrained, r.seed) == (
-        "smollm2", 6, 32, 32, None, 2000, 5e-4, 50, 0.01, "cosine", 100, True, 0)
+        "smollm2", 6, 32, 64, None, 2000, 5e-4, 50, 0.01, "cosine", 100, True, 0)
     assert (r.dataset, r.hw, r.fw, r.step, r.augment, r.valid_stride) == ("both", 10, 20, 5, "mirror", 4)
     assert r.augmentations() == ("mirror",) and r.total_steps(75256) == 2000
-    assert dataclasses.replace(r, epochs=2.0).total_steps(8820) == 552  # --epochs replaces --steps
+    assert dataclasses.replace(r, epochs=2.0).total_steps(8820) == 276  # --epochs replaces --steps
     assert VPEvalOptions().step == 15  # training windows are denser than the evaluation's
     config = TASK.model_config(r)
     assert config.layers == 6 and config.lora.rank == 32 and config.lora.alpha == 64

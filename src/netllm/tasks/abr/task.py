@@ -157,12 +157,13 @@ def concat_episodes(parts: Sequence[Episodes]) -> Episodes:
 
 
 class NetLLMABRPolicy:
-    """A trained adapter behind the baselines' interface, deciding with the KV cache."""
+    """A trained adapter behind the baselines' interface, deciding with the KV cache on a
+    CPU and recomputing the context on a GPU (``rl.default_use_cache``)."""
 
     def __init__(self, model: NetLLM, target: float, sample: bool = False, name: str = "netllm",
-                 use_cache: bool = True) -> None:
+                 use_cache: bool | None = None) -> None:
         self.model, self.target, self.sample, self.name = model, target, sample, name
-        self.use_cache = use_cache  # False recomputes the whole context per decision (a benchmark control)
+        self.use_cache = use_cache  # False recomputes the whole context per decision; None: the device's default
         self.inc: IncrementalPolicy | None = None
         self.last_levels: np.ndarray | None = None
 

@@ -194,12 +194,13 @@ def decode_temperature(decode: str) -> float:
 class NetLLMCJSPolicy:
     """A trained adapter behind the schedulers' interface (``reset`` / ``act``, one
     episode) and the batch protocol of ``vec.run_episodes`` (many episodes, one LLM call
-    per round), deciding with the KV cache (``use_cache=False`` recomputes the whole
-    context: a control). The episode runner passes each reward to ``observe`` (it lowers
-    the target return). Batch 1 is the same path: ``reset`` opens one slot."""
+    per round), deciding with the KV cache on a CPU (``use_cache=False`` recomputes the
+    whole context: a control, and the default on a GPU, ``rl.default_use_cache``). The
+    episode runner passes each reward to ``observe`` (it lowers the target return).
+    Batch 1 is the same path: ``reset`` opens one slot."""
 
     def __init__(self, model: NetLLM, target: float, gnn: DecimaNet, temperature: float = 0.0,
-                 name: str = "netllm", use_cache: bool = True, num_threads: int | None = 1) -> None:
+                 name: str = "netllm", use_cache: bool | None = None, num_threads: int | None = 1) -> None:
         self.model, self.target, self.gnn = model, target, gnn
         self.num_threads = num_threads  # a few tokens per decision: one thread avoids OpenMP contention
         self.temperature = float(temperature)  # 0: arg-max; T > 0: sample from softmax(logits / T)
