@@ -30,23 +30,10 @@ LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaun
 
 def profile_shape(llm: str, dev: torch.device, batch: int, tokens: int, precision: str) -> None:
     """Time and profile training steps of one shape (prints the results)."""
-    from netllm.backbone import LoraSpec, load_backbone
-    from netllm.recipe import set_precision
+    from netllm.bench import lora_train_step
 
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    bb = load_backbone(llm, lora=LoraSpec(rank=16), device=str(dev))
-    set_precision(bb, precision)
-    bb.train()
-    opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad], lr=1e-4)
-    x = torch.randn(batch, tokens, bb.hidden_size, device=dev)
-    mask = torch.ones(batch, tokens, dtype=torch.long, device=dev)
-
-    def step() -> None:
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            hidden, _ = bb(x, mask)
-        hidden.float().pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    _, step = lora_train_step(llm, str(dev), batch=batch, tokens=tokens, precision=precision)
 
     for _ in range(3):
         step()

@@ -52,11 +52,14 @@ def test_train_step_counts_attention(tiny_llama):
     """Same tokens per step, longer sequences: the dense products are equal, attention's
     grow with the sequence; the counter must see them (CPU sdpa kernels it does not count,
     so the count runs with eager attention), and the backbone keeps its own attention."""
+    from netllm.backbone import load_backbone
     from netllm.bench import measure_train_step
 
     short = measure_train_step(tiny_llama, "cpu", None, repeats=1, batch=4, tokens=8, rank=1)
     long = measure_train_step(tiny_llama, "cpu", None, repeats=1, batch=1, tokens=32, rank=1)
     assert long["flops_per_step"] > short["flops_per_step"] * 1.01, (long, short)
+    own = load_backbone(tiny_llama, device="cpu").config._attn_implementation
+    assert own != "eager" and short["attention"] == long["attention"] == own
 
 
 def test_peak_is_known_only_for_bf16_on_a_named_gpu():

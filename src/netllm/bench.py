@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.console import Console
@@ -86,22 +86,19 @@ def measure_load(llm: str, device: str) -> dict[str, float]:
     return {"load_first_s": first, "load_cached_s": cached, "cache_hit": float(bb.report.from_cache)}
 
 
-def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
-                       batch: int = 8, tokens: int = 160, rank: int = 16, precision: str = "no",
-                       peak: float | None = None) -> dict[str, Any]:
-    """Tokens/s and model FLOP utilisation of full LoRA training steps on random
-    embeddings of batch x tokens; ``precision`` "bf16": frozen weights in bf16 and
-    autocast, as ``netllm adapt --dtype bf16`` trains."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def lora_train_step(llm: str, device: str, layers: int | None = None, batch: int = 8, tokens: int = 160,
+                    rank: int = 16, precision: str = "no") -> tuple[Any, Callable[[], None]]:
+    """A backbone with LoRA r = ``rank`` in training mode and ``step()``: one full AdamW
+    step on random embeddings of batch x tokens; ``precision`` "bf16": frozen weights in
+    bf16 and autocast, as ``netllm adapt --dtype bf16`` trains. The step the foundation
+    bench times and ``benchmarks/gpu_profile_step.py`` profiles."""
     from netllm.recipe import set_precision
 
     seed_everything(0)
     bb = load_backbone(llm, layers=layers, lora=LoraSpec(rank=rank), device=device)
     set_precision(bb, precision)
     bb.train()
-    params = [p for p in bb.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW([p for p in bb.parameters() if p.requires_grad], lr=1e-4)
     dev = bb.device
     x = torch.randn(batch, tokens, bb.hidden_size, device=dev)
     mask = torch.ones(batch, tokens, dtype=torch.long, device=dev)
@@ -109,10 +106,20 @@ def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
     def step() -> None:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             hidden, _ = bb(x, mask)
-        loss = hidden.float().pow(2).mean()
-        loss.backward()
+        hidden.float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return bb, step
+
+
+def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
+                       batch: int = 8, tokens: int = 160, rank: int = 16, precision: str = "no",
+                       peak: float | None = None) -> dict[str, Any]:
+    """Tokens/s and model FLOP utilisation of full LoRA training steps (``lora_train_step``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    bb, step = lora_train_step(llm, device, layers, batch, tokens, rank, precision)
 
     # Counted with eager attention, whose matrix products the counter sees: it does not
     # count CPU sdpa kernels and rejects grouped KV heads in the CUDA ones. Timed with the
@@ -129,6 +136,7 @@ def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
     flops = float(counter.get_total_flops())
     step()
     times = _timed(step, repeats)
+    timed_attention = config._attn_implementation
     median = statistics.median(times)
     # the frozen weights a token multiplies: neither embedding tables nor the (unused) LM head
     head = getattr(bb.llm, "get_output_embeddings", lambda: None)()
@@ -136,7 +144,7 @@ def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
     frozen = sum(p.numel() for p in bb.parameters() if not p.requires_grad and id(p) not in skip)
     achieved = flops / median / 1e12
     return {"layers": bb.num_layers, "batch": batch, "tokens": tokens, "precision": precision,
-            "step_s": median, "tokens_per_s": batch * tokens / median,
+            "attention": timed_attention, "step_s": median, "tokens_per_s": batch * tokens / median,
             "flops_per_step": flops, "flops_per_token_per_weight": flops / (batch * tokens) / max(frozen, 1),
             "tflops_per_s": achieved, "peak_tflops": peak, "mfu": achieved / peak if peak else None}
 

@@ -30,6 +30,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from netllm.heads import stable_argmax
 from netllm.model import NetLLM, read_adapter_config
 from netllm.options import Options, opt
 from netllm.rl import IncrementalPolicy
@@ -335,7 +336,7 @@ class ABRService:
 
             batch = {k: torch.from_numpy(v) for k, v in obs_states(np.stack(states)).items()}
             hidden = self.inc.decide(batch, rows=[s.row for s in sessions])
-            levels = self.model.heads["action"](hidden).argmax(-1).cpu().numpy()
+            levels = stable_argmax(self.model.heads["action"](hidden).float().cpu()).numpy()
         except Exception:
             for s in sessions:  # their contexts restart at the next chunk; the history stays
                 s.steps = 0

@@ -18,7 +18,7 @@ from rich.console import Console
 
 from netllm.backbone import LoraSpec
 from netllm.encoders import EncoderSpec
-from netllm.heads import HeadSpec
+from netllm.heads import HeadSpec, stable_argmax
 from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_config
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
@@ -197,7 +197,7 @@ class NetLLMABRPolicy:
             # inverse CDF: the first level whose cumulative probability exceeds u
             levels = torch.from_numpy(np.minimum((np.cumsum(probs, -1) <= u).sum(-1), probs.shape[-1] - 1))
         else:
-            levels = logits.argmax(-1).cpu()
+            levels = stable_argmax(logits.float().cpu())
         self.last_levels = levels.numpy().astype(np.int64)
         return self.last_levels
 
