@@ -98,6 +98,9 @@ def lookahead_episode(env: CJSEnv, decima: DecimaScheduler, seed: int, args: arg
                                             args.rollouts)
                     looked += 1
                     changed += int(action.stage_idx != stages[0])
+            if action is None:  # Decima's own draw, from the embeddings already computed
+                with torch_threads(1), torch.inference_mode():
+                    action = decima._decide(obs, *emb, decima.rng)
         if action is None:
             action = decima.act(obs)
         if len(obs.runnable):
