@@ -247,6 +247,17 @@ def test_unseen_traces_are_reported_beside_the_whole_set(tmp_path):
     assert m.parts["qoe_unseen"] == pytest.approx(np.mean(unseen_rows))
     saved = json.loads((tmp_path / "out" / "results.json").read_text())["bba"]
     assert saved["qoe_unseen"] == pytest.approx(m.parts["qoe_unseen"])
+    # a set whose every trace is a copy (fcc-holdout against fcc-train): no column of NaN
+    copies_dir = tmp_path / "copies"
+    copies_dir.mkdir()
+    for i, name in enumerate(("test0", "test1")):
+        (copies_dir / f"copy{i}").write_text((test_dir / name).read_text())
+    options = ABREvalOptions.build(traces=str(copies_dir), video=str(video), setting="random",
+                                   unseen_by=str(train_dir))
+    results = ABRTask().evaluate({"bba": policy_by_name("bba")}, [1], options, tmp_path / "out2")
+    assert "qoe_unseen" not in results["bba"].parts
+    saved = json.loads((tmp_path / "out2" / "results.json").read_text())["bba"]
+    assert "qoe_unseen" not in saved
 
 
 @pytest.mark.integration

@@ -250,15 +250,16 @@ def evaluate(policy: Any, traces: Sequence[Any], video: Any, seeds: Sequence[int
 def add_unseen(results: dict[str, Metrics], traces: Sequence[Any], seen_in: Sequence[Any]) -> int:
     """Add ``qoe_unseen`` to every result: the mean QoE over the traces that are no copy
     of a trace of ``seen_in`` (e.g. fcc-train: 42 of fcc-test's 100 traces are copies);
-    returns how many traces are unseen. Episodes are equally long, so the mean of the
-    per-trace means is the per-chunk mean."""
+    returns how many traces are unseen (none: nothing is added). Episodes are equally
+    long, so the mean of the per-trace means is the per-chunk mean."""
     from netllm.tasks.abr.traces import copies_of
 
     seen = copies_of(traces, seen_in)
     unseen = {t.name for t in traces} - seen
+    if not unseen:
+        return 0
     for m in results.values():
-        values = [r["qoe"] for r in m.rows if r["trace"] in unseen]
-        m.parts["qoe_unseen"] = float(np.mean(values)) if values else float("nan")
+        m.parts["qoe_unseen"] = float(np.mean([r["qoe"] for r in m.rows if r["trace"] in unseen]))
         m.parts["unseen_traces"] = float(len(unseen))
     return len(unseen)
 
@@ -559,10 +560,12 @@ class ABRTask(Task):
         unseen = ""
         if options.unseen_by not in ("none", options.traces):
             n = add_unseen(results, trace_set, load_traces(options.unseen_by))
-            unseen = f"; qoe_unseen: the {n} traces that are no copy of a {options.unseen_by} trace"
+            unseen = (f"; qoe_unseen: the {n} traces that are no copy of a {options.unseen_by} trace" if n else
+                      f"; every trace is a copy of a {options.unseen_by} trace (no qoe_unseen)")
         write_results(out, results, title=f"ABR on {options.traces} / {vid.name} ({len(trace_set)} traces, "
                                           f"seeds {seeds}){unseen}",
-                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps") + (("qoe_unseen",) if unseen else ()),
+                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps")
+                      + (("qoe_unseen",) if "qoe_unseen" in next(iter(results.values())).parts else ()),
                       reference="oracle" if "oracle" in results else None, cdf_key="qoe",
                       skipped=trace_set.skipped)
         return results
