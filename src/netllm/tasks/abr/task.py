@@ -557,15 +557,14 @@ class ABRTask(Task):
             t0 = time.perf_counter()
             results[name] = evaluate(policy, trace_set, vid, seeds, **env_options)
             console.print(f"{name}: {time.perf_counter() - t0:.1f} s")
-        unseen = ""
+        unseen, n = "", 0
         if options.unseen_by not in ("none", options.traces):
             n = add_unseen(results, trace_set, load_traces(options.unseen_by))
             unseen = (f"; qoe_unseen: the {n} traces that are no copy of a {options.unseen_by} trace" if n else
                       f"; every trace is a copy of a {options.unseen_by} trace (no qoe_unseen)")
         write_results(out, results, title=f"ABR on {options.traces} / {vid.name} ({len(trace_set)} traces, "
                                           f"seeds {seeds}){unseen}",
-                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps")
-                      + (("qoe_unseen",) if "qoe_unseen" in next(iter(results.values())).parts else ()),
+                      parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps") + (("qoe_unseen",) if n else ()),
                       reference="oracle" if "oracle" in results else None, cdf_key="qoe",
                       skipped=trace_set.skipped)
         return results
