@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from netllm.finetune import FinetuneOptions, check_run_folder, gae, run_finetune, tiles
+from netllm.finetune import FinetuneOptions, check_run_folder, gae, group_advantages, run_finetune, tiles
 from netllm.model import NetLLM
 from netllm.rl import ExperiencePool
 from netllm.tasks.cjs.features import load_gnn
@@ -58,6 +58,21 @@ def test_gae_by_hand():
     assert np.allclose(target, adv + values)
 
 
+def test_group_advantages_by_hand():
+    # one group of two episodes on the same input: e0 decides at 0, 1, 3 s; e1 at 0, 2 s
+    rewards = np.array([-1.0, -2.0, -3.0, -4.0, -2.0])
+    times = np.array([0.0, 1.0, 3.0, 0.0, 2.0])
+    bounds = (np.array([0, 3]), np.array([3, 5]))
+    adv, ret = group_advantages(rewards, times, bounds, np.array([0, 0]), gamma=1.0)
+    assert np.allclose(ret, [-6, -5, -3, -6, -2])
+    e1_at = {0.0: -6.0, 1.0: -4.0, 3.0: 0.0}  # e1's return-to-go interpolated (0 after its last decision)
+    e0_at = {0.0: -6.0, 2.0: -4.0}
+    assert np.allclose(adv[:3], [r - (r + e1_at[t]) / 2 for r, t in zip(ret[:3], times[:3])])
+    assert np.allclose(adv[3:], [r - (e0_at[t] + r) / 2 for r, t in zip(ret[3:], times[3:])])
+    with pytest.raises(NetLLMError, match="one episode"):
+        group_advantages(rewards, times, bounds, np.array([0, 1]), gamma=1.0)
+
+
 @pytest.fixture(scope="module")
 def offline(tiny_llama, tmp_path_factory):
     """A tiny CJS adapter that decides something (its weights nudged away from init)."""
@@ -72,12 +87,12 @@ def offline(tiny_llama, tmp_path_factory):
     return folder
 
 
-def finetune(offline, out, iterations, resume=False):
+def finetune(offline, out, iterations, resume=False, group=1):
     options = FinetuneOptions(adapter=str(offline), iterations=iterations, envs=2, batch_size=4, lr=1e-3, epochs=1)
     options.check()
     model = NetLLM.from_adapter(offline, task="cjs")
     ref = NetLLM.from_adapter(offline, task="cjs", merge=True)
-    hooks = CJSOnline(load_gnn("random"), -0.5, TRAIN, TRAIN, [1001, 1002], templates=TEMPLATES)
+    hooks = CJSOnline(load_gnn("random"), -0.5, TRAIN, TRAIN, [1001, 1002], templates=TEMPLATES, group=group)
     return run_finetune(model, ref, hooks, options, out, seeds_of=lambda it: [500 + 2 * it, 501 + 2 * it],
                         extra={"target_return": -0.5, "recipe": {"decode": "sample"}}, resume=resume,
                         progress=False)
@@ -118,6 +133,28 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(offline, tmp_pat
     assert (straight / "metrics.csv").read_text().count("\n") == (resumed / "metrics.csv").read_text().count("\n")
 
 
+def test_group_rollouts_share_a_job_sequence_with_their_own_draws(offline, tmp_path):
+    model = NetLLM.from_adapter(offline, task="cjs")
+    hooks = CJSOnline(load_gnn("random"), -0.5, TRAIN, TRAIN, [1001], templates=TEMPLATES, group=2)
+    roll = hooks.rollout(model, [600, 601, 602, 603])
+    assert list(roll.groups) == [0, 0, 1, 1] and len(roll.times) == len(roll.pool)
+    starts, ends = roll.pool.episode_bounds
+    for s, e in zip(starts, ends):
+        assert np.all(np.diff(roll.times[s:e]) >= 0)
+    policy = NetLLMCJSPolicy(model, -0.5, load_gnn("random"), temperature=1.0)
+    results = run_episodes(policy, [600, 601, 602], TRAIN, templates=TEMPLATES, sequences=[600, 600, 602])
+    arrivals = [[r.arrival_ms for r in res.records] for res in results]
+    assert arrivals[0] == arrivals[1] != arrivals[2]  # the group's input is the same job sequence
+    alone = run_episodes(policy, [601], TRAIN, templates=TEMPLATES, sequences=[600])[0]
+    assert alone.avg_jct_s == results[1].avg_jct_s  # its draws are its own seed's, whoever plays beside it
+    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2)
+    rows = (out / "metrics.csv").read_text().splitlines()
+    last = dict(zip(rows[0].split(","), rows[-1].split(",")))
+    assert last["iteration"] == "1" and np.isfinite(float(last["policy_loss"]))
+    with pytest.raises(NetLLMError, match="--group 2"):
+        hooks.rollout(model, [600, 601, 602])
+
+
 def test_resume_refuses_another_runs_folder(offline, tmp_path):
     out = tmp_path / "ppo"
     finetune(offline, out, iterations=1)
@@ -126,9 +163,19 @@ def test_resume_refuses_another_runs_folder(offline, tmp_path):
         check_run_folder(out, other, resume=True)
     with pytest.raises(NetLLMError, match="--resume"):
         check_run_folder(out, other, resume=False)
+    # an option added after the run started is no difference while it keeps its default
+    from netllm.tasks.cjs.task import CJSFinetuneOptions
+
+    same = dict(adapter=str(offline), iterations=5, envs=2, batch_size=4, lr=1e-3, epochs=1)
+    stored = json.loads((out / "train/checkpoint/trainer_state.json").read_text())
+    for key in ("jobs", "executors", "valid_seeds", "valid_jobs", "group"):
+        assert key not in stored["config"]
+    check_run_folder(out, CJSFinetuneOptions(**same), resume=True)
+    with pytest.raises(NetLLMError, match="another run.*group"):
+        check_run_folder(out, CJSFinetuneOptions(**same, group=2), resume=True)
 
 
-def test_cli_bad_adapters_are_one_line_errors_and_write_nothing(tiny_llama, tmp_path, capsys):
+def test_cli_bad_adapters_are_one_line_errors_and_write_nothing(tiny_llama, offline, tmp_path, capsys):
     from netllm.cli import main
 
     vp = tmp_path / "vp-adapter"  # a prediction task's adapter (its config is all the check reads)
@@ -142,6 +189,12 @@ def test_cli_bad_adapters_are_one_line_errors_and_write_nothing(tiny_llama, tmp_
         err = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(err) == 1 and needle in err[0], err
         assert not out.exists()
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "cjs", "--adapter", str(offline), "--out", str(out), "--envs", "8", "--group", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--group 3" in err[0], err
+    assert not out.exists()
 
 
 def test_abr_ppo_iteration_on_fcc_like_and_generated_traces(tiny_llama, tmp_path):

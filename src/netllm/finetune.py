@@ -12,7 +12,9 @@ environment is what can take a policy past them. Each iteration
    the hidden state of a step sees the earlier steps of its tile), and computes, without
    gradients, the log-probability of every taken action under the rollout weights
    (``old``), under the frozen offline policy (``ref``) and the value estimate;
-3. takes **PPO** steps over the tiles: clipped policy ratio on GAE advantages, a value
+3. takes **PPO** steps over the tiles: clipped policy ratio on GAE advantages (or, where
+   the task plays every input several times, advantages against the group's mean
+   return-to-go at the same simulated time: ``group_advantages``), a value
    head on the LLM's hidden state (``heads["value"]``, saved with the adapter; it learns
    on detached hidden states unless ``--shared-value``: with the critic's gradients in
    the shared LoRA, the first ABR run's validation QoE fell from 0.669 to ~0.59), an
@@ -50,7 +52,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -120,6 +122,10 @@ class Rollout:
     rtg: np.ndarray  # (N,) float32, already divided by the policy's return scale
     stats: dict[str, float]
     cache: dict[str, Any] = field(default_factory=dict)  # the task's per-rollout helpers (window samplers)
+    # input-dependent baseline (``group_advantages``): the group of every episode (episodes
+    # of one group played the same input) and the simulated time of every decision
+    groups: np.ndarray | None = None  # (episodes,) int
+    times: np.ndarray | None = None  # (N,) float
 
 
 class Spread:
@@ -240,6 +246,37 @@ def gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, gamma: float
     return adv.astype(np.float32), (adv + values).astype(np.float32)
 
 
+def group_advantages(rewards: np.ndarray, times: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
+                     groups: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Advantages against an input-dependent baseline (Decima's, Mao et al. 2019): the
+    episodes of a group played the same input (job sequence, trace) with their own
+    sampling streams, so the group's mean return-to-go at the same simulated time
+    removes what the input, not the action, made of the return. For decision i of
+    episode e at time t_i: A_i = R_i - mean over the group's episodes g of R_g(t_i), R_g
+    interpolated linearly between g's decision times (0 after g's last one). Returns
+    (advantages, returns-to-go) per decision; ``bounds`` = the pool's episode bounds."""
+    starts, ends = bounds
+    if len(groups) != len(starts):
+        raise NetLLMError(f"rollout: {len(groups)} episode groups for {len(starts)} episodes")
+    returns = np.zeros(len(rewards), dtype=np.float64)
+    for s, e in zip(starts, ends):
+        running = 0.0
+        for i in range(e - 1, s - 1, -1):
+            running = float(rewards[i]) + gamma * running
+            returns[i] = running
+    adv = np.zeros(len(rewards), dtype=np.float64)
+    for g in np.unique(groups):
+        members = np.flatnonzero(groups == g)
+        if len(members) < 2:
+            raise NetLLMError(f"rollout: group {g} has one episode; an input-dependent baseline needs two or more")
+        curves = [(times[starts[m]:ends[m]], returns[starts[m]:ends[m]]) for m in members]
+        for m in members:
+            t = times[starts[m]:ends[m]]
+            baseline = np.mean([np.interp(t, xs, ys, right=0.0) for xs, ys in curves], axis=0)
+            adv[starts[m]:ends[m]] = returns[starts[m]:ends[m]] - baseline
+    return adv.astype(np.float32), returns.astype(np.float32)
+
+
 def ensure_value_head(model: NetLLM, seed: int = 0) -> None:
     """A value head on the hidden state (saved with the adapter; eval ignores it),
     initialised from ``seed`` alone."""
@@ -290,6 +327,9 @@ def check_run_folder(out: Path, options: FinetuneOptions, resume: bool) -> None:
         raise NetLLMError(f"--resume: {state_file} is unreadable") from None
     stored = {k: v for k, v in stored.items() if k != "iterations"}
     want = run_config(options)
+    for f in fields(options):  # an option added since that run was started: its default is what it ran with
+        if f.name not in stored and f.name in want and want[f.name] == f.default:
+            stored[f.name] = f.default
     if stored != want:
         diff = sorted(k for k in set(stored) | set(want) if stored.get(k) != want.get(k))
         raise NetLLMError(f"--resume: {out} holds another run (it differs in {', '.join(diff[:5])})")
@@ -425,7 +465,11 @@ def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetune
         summed = procs.sum(torch.from_numpy(np.concatenate([old, ref_logp, values, counts]))).numpy()
         old, ref_logp, values, counts = summed[:n], summed[n:2 * n], summed[2 * n:3 * n], summed[3 * n:]
     scale = float(model.config.rl.return_scale)
-    adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)
+    if roll.groups is not None:  # the task played every input several times: Decima's baseline
+        adv, target = group_advantages(pool.rewards / scale, roll.times, pool.episode_bounds, roll.groups,
+                                       options.gamma)
+    else:
+        adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)
     adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)
     dev = model.device
     tensors = {"adv": torch.from_numpy(adv_n).to(dev), "target": torch.from_numpy(target).to(dev),

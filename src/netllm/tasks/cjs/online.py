@@ -7,7 +7,11 @@ Rollouts: ``envs`` simulators (``--jobs`` jobs each, training job sequences of t
 never a test, validation or pool sequence) played at once by the current policy, which
 samples from its heads (temperature 1, as it was imitating Decima), through the batched
 decision path (``vec.run_episodes``). Each decision becomes a pool row (``pool.py``'s
-layout) with the return-to-go it was conditioned on. Validation: the mean JCT on the
+layout) with the return-to-go it was conditioned on. With ``--group G`` every job
+sequence is played by G simulators with their own sampling streams, and a decision's
+advantage is taken against the group's mean return-to-go at the same simulated time
+(Decima's input-dependent baseline, ``finetune.group_advantages``) instead of GAE on the
+value head. Validation: the mean JCT on the
 ``--valid-seeds`` job sequences (default 1001-1010, apart from the test seeds 1-10), with
 Decima on the same sequences for the paired reference. With ``--workers`` both are
 cut into shards of job sequences played on the Ray workers (``Spread``).
@@ -30,6 +34,7 @@ from netllm.tasks.cjs.policy import CJSWindowSampler, NetLLMCJSPolicy
 from netllm.tasks.cjs.pool import _episode, pool_from_episodes
 from netllm.tasks.cjs.sim import CJSConfig
 from netllm.tasks.cjs.vec import run_episodes
+from netllm.utils import NetLLMError
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -51,7 +56,8 @@ class _Recorder:
 
     def start(self, slot: int, seed: int | None, env: Any) -> None:
         self.policy.start(slot, seed, env)
-        self.current[slot] = {"seed": seed, "features": [], "actions": [], "rewards": [], "rtg": []}
+        self.current[slot] = {"seed": seed, "features": [], "actions": [], "rewards": [], "rtg": [], "times": [],
+                              "env": env}
 
     def act_batch(self, slots: list[int], observations: list[Any]) -> list[Any]:
         return self.policy.act_batch(slots, observations)
@@ -64,7 +70,9 @@ class _Recorder:
 
     def end(self, slot: int) -> None:
         self.policy.end(slot)
-        self.episodes[int(self.current[slot]["seed"])] = self.current[slot]
+        episode = self.current[slot]
+        episode.pop("env", None)
+        self.episodes[int(episode["seed"])] = episode
 
     def _decided(self, rows: list[int], feats: list[Any], rtg: np.ndarray, actions: list[Any]) -> None:
         for r, f, g, a in zip(rows, feats, rtg, actions):
@@ -73,6 +81,7 @@ class _Recorder:
             ep["actions"].append((int(a[0]), int(a[1])))
             ep["rewards"].append(0.0)
             ep["rtg"].append(float(g))
+            ep["times"].append(float(ep["env"].wall_time_ms) * 1e-3)
 
 
 class CJSOnline:
@@ -82,23 +91,31 @@ class CJSOnline:
     higher_is_better = False
 
     def __init__(self, gnn: DecimaNet, target: float, train: CJSConfig, valid: CJSConfig, valid_seeds: list[int],
-                 templates: Any = None) -> None:
+                 templates: Any = None, group: int = 1) -> None:
         self.gnn, self.target, self.train, self.valid = gnn, target, train, valid
-        self.valid_seeds, self.templates = valid_seeds, templates
+        self.valid_seeds, self.templates, self.group = valid_seeds, templates, group
 
     def policy(self, model: NetLLM) -> NetLLMCJSPolicy:
         return NetLLMCJSPolicy(model, self.target, self.gnn, temperature=1.0, name="netllm-online")
 
     def rollout(self, model: NetLLM, seeds: list[int], spread: Spread = LOCAL) -> Rollout:
-        # job sequences in shards (one per worker); every simulator keeps its own streams
-        parts = spread(self, model, _rollout_seeds, [[seeds[i] for i in shard] for shard in spread.split(len(seeds))])
+        # job sequences in shards (one per worker); every simulator keeps its own streams.
+        # With groups of G, the episodes of a group play the job sequence of its first seed
+        if len(seeds) % self.group:
+            raise NetLLMError(f"--group {self.group}: must divide the {len(seeds)} simulators of an iteration")
+        plays = [(s, seeds[i - i % self.group]) for i, s in enumerate(seeds)]
+        parts = spread(self, model, _rollout_seeds, [[plays[i] for i in shard] for shard in spread.split(len(seeds))])
         episodes = [ep for part, _ in parts for ep in part]
         jcts = [j for _, part in parts for j in part]
         pool = pool_from_episodes([_episode(ep["features"], ep["actions"], ep["rewards"]) for ep in episodes],
                                   meta={"task": "cjs", "policies": ["netllm-online"], "seeds": seeds,
                                         "feature_version": FEATURE_VERSION, "executors": self.train.num_executors})
         rtg = np.concatenate([np.asarray(ep["rtg"], dtype=np.float32) for ep in episodes])
-        return Rollout(pool, rtg, {"jct_s": float(np.mean(jcts))})
+        if self.group == 1:
+            return Rollout(pool, rtg, {"jct_s": float(np.mean(jcts))})
+        times = np.concatenate([np.asarray(ep["times"], dtype=np.float64) for ep in episodes])
+        return Rollout(pool, rtg, {"jct_s": float(np.mean(jcts))}, groups=np.arange(len(seeds)) // self.group,
+                       times=times)
 
     def log_probs(self, model: NetLLM, rollout: Rollout, end_rows: np.ndarray
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,10 +149,14 @@ class CJSOnline:
         return float(np.mean([j for part in parts for j in part]))
 
 
-def _rollout_seeds(hooks: CJSOnline, model: NetLLM, seeds: list[int]) -> tuple[list[dict[str, Any]], list[float]]:
-    """Sampled episodes on ``seeds`` with every decision recorded; their mean JCTs."""
+def _rollout_seeds(hooks: CJSOnline, model: NetLLM, plays: list[tuple[int, int]]
+                   ) -> tuple[list[dict[str, Any]], list[float]]:
+    """Sampled episodes, one per (seed of its sampling stream, job sequence), with every
+    decision recorded; their mean JCTs."""
+    seeds = [seed for seed, _ in plays]
     rec = _Recorder(hooks.policy(model))
-    results = run_episodes(rec, seeds, hooks.train, templates=hooks.templates)
+    results = run_episodes(rec, seeds, hooks.train, templates=hooks.templates,
+                           sequences=[sequence for _, sequence in plays])
     return [rec.episodes[s] for s in seeds], [float(r.avg_jct_s) for r in results]
 
 

@@ -192,10 +192,16 @@ class CJSFinetuneOptions(FinetuneOptions):
     executors: int = opt(50, "Executors of the cluster.", min=1)
     valid_seeds: str = opt("1001-1010", "Validation job sequences (never the test seeds 1-10).")
     valid_jobs: int = opt(100, "Jobs per validation episode.", min=1)
+    group: int = opt(1, "Simulators per job sequence: with G >= 2 each sequence is played G times with their own "
+                        "sampling streams and a decision's advantage is its return minus the group's mean return "
+                        "at the same simulated time (Decima's input-dependent baseline) instead of GAE; must "
+                        "divide --envs.", min=1)
 
     def check(self) -> None:
         super().check()
         check_adapter(self.adapter, "cjs")
+        if self.envs % self.group:
+            raise NetLLMError(f"--group {self.group}: must divide --envs {self.envs}")
         valid = set(parse_seeds(self.valid_seeds, "--valid-seeds"))
         if valid & set(range(1, 11)):
             raise NetLLMError(f"--valid-seeds: {sorted(valid & set(range(1, 11)))} are test seeds; validate on "
@@ -291,7 +297,7 @@ class CJSTask(Task):
         hooks = CJSOnline(load_gnn(config.get("norm", {}).get("gnn", "decima")), float(extra["target_return"]),
                           CJSConfig(num_jobs=options.jobs, num_executors=options.executors),
                           CJSConfig(num_jobs=options.valid_jobs, num_executors=options.executors),
-                          parse_seeds(options.valid_seeds, "--valid-seeds"))
+                          parse_seeds(options.valid_seeds, "--valid-seeds"), group=options.group)
         base = 100_000 + options.seed * 1_000_000  # training job sequences: no test, validation or pool one
 
         def seeds_of(it: int) -> list[int]:

@@ -63,14 +63,21 @@ def batch_policy(policy: Any) -> Any:
 
 
 def run_episodes(policy: Any, seeds: Sequence[int], config: CJSConfig = CJSConfig(), envs: int | None = None,
-                 templates: Any = None, max_decisions: int | None = None) -> list[EpisodeResult]:
+                 templates: Any = None, max_decisions: int | None = None,
+                 sequences: Sequence[int] | None = None) -> list[EpisodeResult]:
     """One full episode per seed, ``envs`` simulators at a time (default: all seeds at
     once), decisions batched across them; results in the order of ``seeds``.
+    ``sequences`` gives each episode another job sequence than its seed (the simulator is
+    reset with it; the policy's sampling stream still comes from the seed): episodes that
+    share a sequence play the same jobs with their own draws.
     ``max_decisions`` ends each episode early (timings). An episode's ``wall_s`` is the
     wall time from its start to its end, overlapping the others'."""
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise NetLLMError("--seeds: no seeds to run")
+    sequences = seeds if sequences is None else [int(s) for s in sequences]
+    if len(sequences) != len(seeds):
+        raise NetLLMError(f"sequences: {len(sequences)} job sequences for {len(seeds)} episodes")
     if envs is not None and envs < 1:
         raise NetLLMError(f"--envs: must be >= 1, got {envs}")
     width = len(seeds) if envs is None else min(envs, len(seeds))
@@ -85,7 +92,7 @@ def run_episodes(policy: Any, seeds: Sequence[int], config: CJSConfig = CJSConfi
     def launch(slot: int) -> None:
         index, seed = queue.pop(0)
         env = CJSEnv.from_config(config, templates=templates)
-        obs, _ = env.reset(seed)
+        obs, _ = env.reset(sequences[index])
         batch.start(slot, seed, env)
         running[slot] = {"env": env, "seed": seed, "index": index, "obs": obs, "reward": 0.0,
                          "t0": time.perf_counter()}
