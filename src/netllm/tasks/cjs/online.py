@@ -11,10 +11,11 @@ layout) with the return-to-go it was conditioned on. With ``--group G`` every jo
 sequence is played by G simulators with their own sampling streams, and a decision's
 advantage is taken against the group's mean return-to-go at the same simulated time
 (Decima's input-dependent baseline, ``finetune.group_advantages``) instead of GAE on the
-value head. Validation: the mean JCT on the
-``--valid-seeds`` job sequences (default 1001-1010, apart from the test seeds 1-10), with
-Decima on the same sequences for the paired reference. With ``--workers`` both are
-cut into shards of job sequences played on the Ray workers (``Spread``).
+value head. Validation: the mean JCT on the ``--valid-seeds`` job sequences (default
+1001-1010, apart from the test seeds 1-10); Decima's on the same episodes, the paired
+reference, comes from ``netllm eval cjs --policy decima --seeds 1001-1010 --jobs 100``.
+With ``--workers`` rollouts and validation are cut into shards of job sequences played
+on the Ray workers (``Spread``).
 """
 
 from __future__ import annotations
