@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from netllm.finetune import FinetuneOptions, check_run_folder, gae, group_advantages, run_finetune, tiles
 from netllm.model import NetLLM
 from netllm.rl import ExperiencePool
+from netllm.tasks.cjs.baselines import make_scheduler
 from netllm.tasks.cjs.features import load_gnn
 from netllm.tasks.cjs.jobs import synthetic_templates
 from netllm.tasks.cjs.online import CJSOnline
@@ -87,12 +88,13 @@ def offline(tiny_llama, tmp_path_factory):
     return folder
 
 
-def finetune(offline, out, iterations, resume=False, group=1):
+def finetune(offline, out, iterations, resume=False, group=1, baseline=None):
     options = FinetuneOptions(adapter=str(offline), iterations=iterations, envs=2, batch_size=4, lr=1e-3, epochs=1)
     options.check()
     model = NetLLM.from_adapter(offline, task="cjs")
     ref = NetLLM.from_adapter(offline, task="cjs", merge=True)
-    hooks = CJSOnline(load_gnn("random"), -0.5, TRAIN, TRAIN, [1001, 1002], templates=TEMPLATES, group=group)
+    hooks = CJSOnline(load_gnn("random"), -0.5, TRAIN, TRAIN, [1001, 1002], templates=TEMPLATES, group=group,
+                      baseline=baseline)
     return run_finetune(model, ref, hooks, options, out, seeds_of=lambda it: [500 + 2 * it, 501 + 2 * it],
                         extra={"target_return": -0.5, "recipe": {"decode": "sample"}}, resume=resume,
                         progress=False)
@@ -147,10 +149,14 @@ def test_group_rollouts_share_a_job_sequence_with_their_own_draws(offline, tmp_p
     assert arrivals[0] == arrivals[1] != arrivals[2]  # the group's input is the same job sequence
     alone = run_episodes(policy, [601], TRAIN, templates=TEMPLATES, sequences=[600])[0]
     assert alone.avg_jct_s == results[1].avg_jct_s  # its draws are its own seed's, whoever plays beside it
-    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2)
+    fifo = make_scheduler("fifo")
+    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2, baseline=("fifo", fifo))
     rows = (out / "metrics.csv").read_text().splitlines()
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
     assert last["iteration"] == "1" and np.isfinite(float(last["policy_loss"]))
+    first = dict(zip(rows[0].split(","), rows[1].split(",")))  # the imitated policy, scored once beside
+    want = np.mean([r.avg_jct_s for r in run_episodes(fifo, [1001, 1002], TRAIN, templates=TEMPLATES)])
+    assert first["reference"] == "fifo" and float(first["reference_jct_s"]) == pytest.approx(want)
     with pytest.raises(NetLLMError, match="--group 2"):
         hooks.rollout(model, [600, 601, 602])
 

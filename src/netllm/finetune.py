@@ -209,6 +209,9 @@ class OnlineHooks(Protocol):
     def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
         ...
 
+    # optional: ``reference() -> (name, score) | None``, the policy the offline adapter imitated,
+    # scored on the validation episodes once (metrics.csv's first row, the learning curve)
+
 
 # ----------------------------------------------------------------------------- the algorithm
 
@@ -371,8 +374,12 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
             score = float(hooks.validate(model, spread))
             if procs.main:
                 keeper.update(model, score, 0)
-                history.append({"iteration": 0, f"valid_{hooks.metric}": score, "best": True,
-                                "wall_s": time.perf_counter() - t0})
+                row0: dict[str, Any] = {"iteration": 0, f"valid_{hooks.metric}": score, "best": True}
+                reference = getattr(hooks, "reference", None)  # the imitated policy on the same episodes
+                scored = reference() if reference is not None else None
+                if scored is not None:
+                    row0["reference"], row0[f"reference_{hooks.metric}"] = scored
+                history.append({**row0, "wall_s": time.perf_counter() - t0})
                 _write_history(out, history)
         for it in range(start + 1, options.iterations + 1):
             row = _iteration(model, ref, hooks, options, it, k, optimizer, params, seeds_of(it), spread, procs)
@@ -560,6 +567,10 @@ def _plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
     valid = [(r["iteration"], r[f"valid_{metric}"]) for r in valid_rows if r.get(f"valid_{metric}") not in (None, "")]
     if valid:
         axes[0].plot(*zip(*valid), marker="o", label="validation")
+    reference = valid_rows[0].get(f"reference_{metric}")
+    if reference not in (None, ""):
+        axes[0].axhline(float(reference), color="grey", linestyle="--",
+                        label=f"{valid_rows[0].get('reference')} (validation)")
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel(metric)
     axes[0].legend()

@@ -13,7 +13,8 @@ advantage is taken against the group's mean return-to-go at the same simulated t
 (Decima's input-dependent baseline, ``finetune.group_advantages``) instead of GAE on the
 value head. Validation: the mean JCT on the ``--valid-seeds`` job sequences (default
 1001-1010, apart from the test seeds 1-10); Decima's on the same episodes, the paired
-reference, comes from ``netllm eval cjs --policy decima --seeds 1001-1010 --jobs 100``.
+reference, is scored once at the start (``reference``; metrics.csv's first row and the
+learning curve).
 With ``--workers`` rollouts and validation are cut into shards of job sequences played
 on the Ray workers (``Spread``).
 """
@@ -92,9 +93,18 @@ class CJSOnline:
     higher_is_better = False
 
     def __init__(self, gnn: DecimaNet, target: float, train: CJSConfig, valid: CJSConfig, valid_seeds: list[int],
-                 templates: Any = None, group: int = 1) -> None:
+                 templates: Any = None, group: int = 1, baseline: tuple[str, Any] | None = None) -> None:
         self.gnn, self.target, self.train, self.valid = gnn, target, train, valid
         self.valid_seeds, self.templates, self.group = valid_seeds, templates, group
+        self.baseline = baseline  # (name, scheduler) scored on the validation episodes once
+
+    def reference(self) -> tuple[str, float] | None:
+        """The baseline's mean JCT on the validation episodes (as ``netllm eval cjs`` plays it)."""
+        if self.baseline is None:
+            return None
+        name, policy = self.baseline
+        results = run_episodes(policy, self.valid_seeds, self.valid, templates=self.templates)
+        return name, float(np.mean([r.avg_jct_s for r in results]))
 
     def policy(self, model: NetLLM) -> NetLLMCJSPolicy:
         return NetLLMCJSPolicy(model, self.target, self.gnn, temperature=1.0, name="netllm-online")
