@@ -61,17 +61,19 @@ def test_gae_by_hand():
 
 def test_group_advantages_by_hand():
     # one group of two episodes on the same input: e0 decides at 0, 1, 3 s; e1 at 0, 2 s
-    rewards = np.array([-1.0, -2.0, -3.0, -4.0, -2.0])
+    pool = toy_pool([3, 2])
+    pool.rewards[:] = [-1.0, -2.0, -3.0, -4.0, -2.0]
     times = np.array([0.0, 1.0, 3.0, 0.0, 2.0])
-    bounds = (np.array([0, 3]), np.array([3, 5]))
-    adv, ret = group_advantages(rewards, times, bounds, np.array([0, 0]), gamma=1.0)
+    bounds = pool.episode_bounds
+    ret = pool.returns_to_go()
     assert np.allclose(ret, [-6, -5, -3, -6, -2])
+    adv = group_advantages(ret, times, bounds, np.array([0, 0]))
     e1_at = {0.0: -6.0, 1.0: -4.0, 3.0: 0.0}  # e1's return-to-go interpolated (0 after its last decision)
     e0_at = {0.0: -6.0, 2.0: -4.0}
     assert np.allclose(adv[:3], [r - (r + e1_at[t]) / 2 for r, t in zip(ret[:3], times[:3])])
     assert np.allclose(adv[3:], [r - (e0_at[t] + r) / 2 for r, t in zip(ret[3:], times[3:])])
     with pytest.raises(NetLLMError, match="one episode"):
-        group_advantages(rewards, times, bounds, np.array([0, 1]), gamma=1.0)
+        group_advantages(ret, times, bounds, np.array([0, 1]))
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +90,13 @@ def offline(tiny_llama, tmp_path_factory):
     return folder
 
 
-def finetune(offline, out, iterations, resume=False, group=1, baseline=None):
+def finetune(offline, out, iterations, resume=False, group=1, reference=None):
     options = FinetuneOptions(adapter=str(offline), iterations=iterations, envs=2, batch_size=4, lr=1e-3, epochs=1)
     options.check()
     model = NetLLM.from_adapter(offline, task="cjs")
     ref = NetLLM.from_adapter(offline, task="cjs", merge=True)
     hooks = CJSOnline(load_gnn("random"), -0.5, TRAIN, TRAIN, [1001, 1002], templates=TEMPLATES, group=group,
-                      baseline=baseline)
+                      reference=reference)
     return run_finetune(model, ref, hooks, options, out, seeds_of=lambda it: [500 + 2 * it, 501 + 2 * it],
                         extra={"target_return": -0.5, "recipe": {"decode": "sample"}}, resume=resume,
                         progress=False)
@@ -150,7 +152,7 @@ def test_group_rollouts_share_a_job_sequence_with_their_own_draws(offline, tmp_p
     alone = run_episodes(policy, [601], TRAIN, templates=TEMPLATES, sequences=[600])[0]
     assert alone.avg_jct_s == results[1].avg_jct_s  # its draws are its own seed's, whoever plays beside it
     fifo = make_scheduler("fifo")
-    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2, baseline=("fifo", fifo))
+    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2, reference=("fifo", fifo))
     rows = (out / "metrics.csv").read_text().splitlines()
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
     assert last["iteration"] == "1" and np.isfinite(float(last["policy_loss"]))

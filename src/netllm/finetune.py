@@ -249,25 +249,19 @@ def gae(rewards: np.ndarray, values: np.ndarray, dones: np.ndarray, gamma: float
     return adv.astype(np.float32), (adv + values).astype(np.float32)
 
 
-def group_advantages(rewards: np.ndarray, times: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
-                     groups: np.ndarray, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+def group_advantages(returns: np.ndarray, times: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
+                     groups: np.ndarray) -> np.ndarray:
     """Advantages against an input-dependent baseline (Decima's, Mao et al. 2019): the
     episodes of a group played the same input (job sequence, trace) with their own
     sampling streams, so the group's mean return-to-go at the same simulated time
     removes what the input, not the action, made of the return. For decision i of
     episode e at time t_i: A_i = R_i - mean over the group's episodes g of R_g(t_i), R_g
-    interpolated linearly between g's decision times (0 after g's last one). Returns
-    (advantages, returns-to-go) per decision; ``bounds`` = the pool's episode bounds."""
+    interpolated linearly between g's decision times (0 after g's last one).
+    ``returns``: each decision's return-to-go; ``bounds``: the pool's episode bounds."""
     starts, ends = bounds
     if len(groups) != len(starts):
         raise NetLLMError(f"rollout: {len(groups)} episode groups for {len(starts)} episodes")
-    returns = np.zeros(len(rewards), dtype=np.float64)
-    for s, e in zip(starts, ends):
-        running = 0.0
-        for i in range(e - 1, s - 1, -1):
-            running = float(rewards[i]) + gamma * running
-            returns[i] = running
-    adv = np.zeros(len(rewards), dtype=np.float64)
+    adv = np.zeros(len(returns), dtype=np.float64)
     for g in np.unique(groups):
         members = np.flatnonzero(groups == g)
         if len(members) < 2:
@@ -277,7 +271,7 @@ def group_advantages(rewards: np.ndarray, times: np.ndarray, bounds: tuple[np.nd
             t = times[starts[m]:ends[m]]
             baseline = np.mean([np.interp(t, xs, ys, right=0.0) for xs, ys in curves], axis=0)
             adv[starts[m]:ends[m]] = returns[starts[m]:ends[m]] - baseline
-    return adv.astype(np.float32), returns.astype(np.float32)
+    return adv.astype(np.float32)
 
 
 def ensure_value_head(model: NetLLM, seed: int = 0) -> None:
@@ -473,8 +467,8 @@ def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetune
         old, ref_logp, values, counts = summed[:n], summed[n:2 * n], summed[2 * n:3 * n], summed[3 * n:]
     scale = float(model.config.rl.return_scale)
     if roll.groups is not None:  # the task played every input several times: Decima's baseline
-        adv, target = group_advantages(pool.rewards / scale, roll.times, pool.episode_bounds, roll.groups,
-                                       options.gamma)
+        target = pool.returns_to_go(options.gamma, scale)
+        adv = group_advantages(target, roll.times, pool.episode_bounds, roll.groups)
     else:
         adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)
     adv_n = (adv - adv.mean()) / (adv.std() + 1e-8)

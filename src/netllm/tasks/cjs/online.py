@@ -93,16 +93,16 @@ class CJSOnline:
     higher_is_better = False
 
     def __init__(self, gnn: DecimaNet, target: float, train: CJSConfig, valid: CJSConfig, valid_seeds: list[int],
-                 templates: Any = None, group: int = 1, baseline: tuple[str, Any] | None = None) -> None:
+                 templates: Any = None, group: int = 1, reference: tuple[str, Any] | None = None) -> None:
         self.gnn, self.target, self.train, self.valid = gnn, target, train, valid
         self.valid_seeds, self.templates, self.group = valid_seeds, templates, group
-        self.baseline = baseline  # (name, scheduler) scored on the validation episodes once
+        self.reference_policy = reference  # (name, scheduler) scored on the validation episodes once
 
     def reference(self) -> tuple[str, float] | None:
-        """The baseline's mean JCT on the validation episodes (as ``netllm eval cjs`` plays it)."""
-        if self.baseline is None:
+        """The reference scheduler's mean JCT on the validation episodes (as ``netllm eval cjs`` plays it)."""
+        if self.reference_policy is None:
             return None
-        name, policy = self.baseline
+        name, policy = self.reference_policy
         results = run_episodes(policy, self.valid_seeds, self.valid, templates=self.templates)
         return name, float(np.mean([r.avg_jct_s for r in results]))
 

@@ -298,7 +298,7 @@ class CJSTask(Task):
                           CJSConfig(num_jobs=options.jobs, num_executors=options.executors),
                           CJSConfig(num_jobs=options.valid_jobs, num_executors=options.executors),
                           parse_seeds(options.valid_seeds, "--valid-seeds"), group=options.group,
-                          baseline=("decima", policy_by_name("decima", device=device)))
+                          reference=("decima", policy_by_name("decima", device=device)))
         base = 100_000 + options.seed * 1_000_000  # training job sequences: no test, validation or pool one
 
         def seeds_of(it: int) -> list[int]:
