@@ -422,18 +422,28 @@ def _ppo_loss(model: NetLLM, batch: tuple[Any, ...]) -> tuple[torch.Tensor, torc
     m = torch.from_numpy(score).to(dev) & real
     idx = torch.from_numpy(rows).to(dev)[m]
     v = _value(model, hidden if options.shared_value else hidden.detach())[m]
-    lp, ent = logp[m], entropy[m]
-    ratio = torch.exp(lp - t["old"][idx])
-    a = t["adv"][idx]
-    policy_loss = -torch.min(ratio * a, ratio.clamp(1 - options.clip, 1 + options.clip) * a).sum() / total
-    value_loss = (v - t["target"][idx]).pow(2).sum() / total
-    log_ratio_ref = t["ref"][idx] - lp
-    kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).sum() / total
-    ent_sum = ent.sum() / total
+    policy_loss, ent_sum, kl, clipped = ppo_terms(logp[m], entropy[m], t["old"][idx], t["adv"][idx], t["ref"][idx],
+                                                  options.clip)
+    value_loss = (v - t["target"][idx]).pow(2).sum()
+    policy_loss, value_loss, ent_sum, kl, clip_frac = (x / total for x in (policy_loss, value_loss, ent_sum, kl,
+                                                                           clipped))
     loss = policy_loss + options.value_coef * value_loss - options.entropy_coef * ent_sum + options.kl_coef * kl
-    clip_frac = ((ratio - 1).abs() > options.clip).float().sum() / total
     stats = torch.stack([loss, policy_loss, value_loss, ent_sum, kl, clip_frac]).detach().to(torch.float64)
     return loss * world, stats
+
+
+def ppo_terms(logp: torch.Tensor, entropy: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, ref: torch.Tensor,
+              clip: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO's terms summed over the scored steps (the caller divides by the step count):
+    the clipped surrogate to minimise, the entropy, the KL towards the reference policy
+    (k3 estimator: exp(r) - r - 1 with r = log p_ref - log p) and the count of clipped
+    ratios. ``logp``/``entropy`` under the weights being trained; ``old`` the
+    log-probabilities under the weights that acted, ``ref`` under the reference."""
+    ratio = torch.exp(logp - old)
+    policy = -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).sum()
+    log_ratio_ref = ref - logp
+    kl = (torch.exp(log_ratio_ref) - log_ratio_ref - 1).sum()
+    return policy, entropy.sum(), kl, ((ratio - 1).abs() > clip).float().sum()
 
 
 def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: FinetuneOptions, it: int, k: int,
@@ -580,6 +590,8 @@ def _plot(out: Path, history: list[dict[str, Any]], metric: str) -> None:
 
 def describe(out: Path) -> str:
     """One line about a finished fine-tuning run (the CLI prints it)."""
+    if not (out / ADAPTER_CONFIG).is_file():  # a task's own kind of run (e.g. a baseline's network fine-tuned)
+        return f"run: {out}"
     config = json.loads((out / ADAPTER_CONFIG).read_text())
     best = (config.get("extra") or {}).get("best")
     return f"adapter: {out} (best on validation: {best})"

@@ -45,6 +45,7 @@ from netllm.recipe import TRAIN_SEEDS_HELP, Recipe, check_train_seeds, load_poli
 from netllm.results import combine_train_seeds, comparisons, print_comparisons, write_results
 from netllm.tasks.base import Metrics, Task
 from netllm.tasks.cjs.baselines import SCHEDULERS
+from netllm.tasks.cjs.decima_online import NAME as DECIMA
 from netllm.tasks.cjs.policy import (DECODE_HELP, CJSRecipe, NetLLMCJSPolicy, adapt, decode_temperature, model_config,
                                      recipe_of, speed_report)
 from netllm.tasks.cjs.pool import collect_pool, load_pool, load_pools, make_baseline, pool_options
@@ -188,6 +189,8 @@ class CJSBenchOptions(CJSRecipe):
 class CJSFinetuneOptions(FinetuneOptions):
     """``netllm finetune cjs``: PPO in the simulator from an offline CJS adapter."""
 
+    adapter: str = opt("", "The offline-adapted policy to start from (an adapter folder of this task), or "
+                           "'decima': the control, the same PPO on Decima's own network from its published weights.")
     jobs: int = opt(50, "Jobs per training episode (shorter than evaluation's 200: more iterations).", min=1)
     executors: int = opt(50, "Executors of the cluster.", min=1)
     valid_seeds: str = opt("1001-1010", "Validation job sequences (never the test seeds 1-10).")
@@ -198,8 +201,14 @@ class CJSFinetuneOptions(FinetuneOptions):
                         "divide --envs.", min=1)
 
     def check(self) -> None:
-        super().check()
-        check_adapter(self.adapter, "cjs")
+        if self.adapter == DECIMA:  # the control: the same PPO on Decima's own network (decima_online.py)
+            Options.check(self)
+            if self.group < 2:
+                raise NetLLMError("--group: fine-tuning Decima needs --group >= 2 (its advantages are taken "
+                                  "against the group's mean return; it has no value head for GAE)")
+        else:
+            super().check()
+            check_adapter(self.adapter, "cjs")
         if self.envs % self.group:
             raise NetLLMError(f"--group {self.group}: must divide --envs {self.envs}")
         valid = set(parse_seeds(self.valid_seeds, "--valid-seeds"))
@@ -238,8 +247,13 @@ class CJSTask(Task):
 
     def policy_from_run(self, folder: Path, options: CJSSetting, device: str = "auto") -> Any:
         """A NetLLM adapter, decoded by ``options.decode`` (default: as its recipe says)."""
+        from netllm.tasks.cjs.decima_online import is_decima_run, load_finetuned
+
+        if is_decima_run(folder) and not (folder / ADAPTER_CONFIG).is_file():  # netllm finetune cjs --adapter decima
+            return load_finetuned(folder)
         if not (folder / ADAPTER_CONFIG).is_file():
-            raise NetLLMError(f"--policy {folder}: not a CJS adapter folder (no {ADAPTER_CONFIG})")
+            raise NetLLMError(f"--policy {folder}: not a CJS adapter folder (no {ADAPTER_CONFIG}) nor a "
+                              "fine-tuned Decima run")
         policy = NetLLMCJSPolicy.from_adapter(folder, device=device, decode=options.decode)
         if policy.sample:
             policy.name += "-sampled" + (f"-t{policy.temperature:g}" if policy.temperature != 1 else "")
@@ -287,6 +301,13 @@ class CJSTask(Task):
         from netllm.tasks.cjs.jobs import load_all
         from netllm.tasks.cjs.online import CJSOnline
 
+        base = 100_000 + options.seed * 1_000_000  # training job sequences: no test, validation or pool one
+
+        def seeds_of(it: int) -> list[int]:
+            return [base + (it - 1) * options.envs + j for j in range(options.envs)]
+
+        if options.adapter == DECIMA:
+            return self._finetune_decima(options, out, seeds_of, resume)
         config = read_adapter_config(options.adapter)
         extra = dict(config.get("extra") or {})
         if extra.get("target_return") is None:
@@ -299,13 +320,24 @@ class CJSTask(Task):
                           CJSConfig(num_jobs=options.valid_jobs, num_executors=options.executors),
                           parse_seeds(options.valid_seeds, "--valid-seeds"), group=options.group,
                           reference=("decima", policy_by_name("decima", device=device)))
-        base = 100_000 + options.seed * 1_000_000  # training job sequences: no test, validation or pool one
-
-        def seeds_of(it: int) -> list[int]:
-            return [base + (it - 1) * options.envs + j for j in range(options.envs)]
-
         extra["finetuned_from"] = str(options.adapter)
         return run_finetune(model, ref, hooks, options, out, seeds_of=seeds_of, extra=extra, resume=resume)
+
+    def _finetune_decima(self, options: CJSFinetuneOptions, out: Path, seeds_of: Callable[[int], list[int]],
+                         resume: bool) -> Path:
+        from netllm import parallel
+        from netllm.tasks.cjs.decima_online import finetune_decima
+        from netllm.tasks.cjs.jobs import load_all
+        from netllm.train import launched_processes
+
+        if parallel.active() is not None or launched_processes() > 1:
+            raise NetLLMError("--adapter decima: runs in one process (no --workers, --ray-address or accelerate "
+                              "launch)")
+        load_all()
+        return finetune_decima(options, out, seeds_of, CJSConfig(num_jobs=options.jobs,
+                                                                 num_executors=options.executors),
+                               CJSConfig(num_jobs=options.valid_jobs, num_executors=options.executors),
+                               parse_seeds(options.valid_seeds, "--valid-seeds"), resume=resume)
 
     def bench(self, options: CJSBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
