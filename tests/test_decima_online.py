@@ -12,7 +12,8 @@ import torch
 
 from netllm.tasks.cjs.baselines import DecimaScheduler
 from netllm.tasks.cjs.decima import build_decima
-from netllm.tasks.cjs.decima_online import WEIGHTS, finetune_decima, log_probs, returns_to_go, rollout, update
+from netllm.finetune import timed_returns
+from netllm.tasks.cjs.decima_online import WEIGHTS, finetune_decima, log_probs, rollout, update
 from netllm.tasks.cjs.jobs import synthetic_templates
 from netllm.tasks.cjs.sim import CJSConfig
 from netllm.tasks.cjs.task import TASK, CJSFinetuneOptions
@@ -40,9 +41,13 @@ def run(weights, out, iterations, resume=False):
                            TRAIN, TRAIN, VALID, resume=resume, progress=False, templates=TEMPLATES, weights=weights)
 
 
-def test_returns_to_go_per_episode():
-    rtg = returns_to_go(np.array([1.0, 2.0, 3.0, 10.0, 20.0]), np.array([0, 3]), np.array([3, 5]))
-    assert rtg.tolist() == [6.0, 5.0, 3.0, 30.0, 20.0]
+def test_timed_returns_per_episode():
+    rewards, bounds = np.array([1.0, 2.0, 3.0, 10.0, 20.0]), (np.array([0, 3]), np.array([3, 5]))
+    times = np.array([0.0, 10.0, 30.0, 5.0, 15.0])
+    assert timed_returns(rewards, times, bounds, 0.0).tolist() == [6.0, 5.0, 3.0, 30.0, 20.0]
+    # halving every 10 s: 3 is 20 s after the second decision, 30 s after the first
+    assert timed_returns(rewards, times, bounds, 10.0).tolist() == pytest.approx([1 + 1 + 3 / 8, 2 + 3 / 4, 3,
+                                                                                  10 + 10, 20])
 
 
 def test_ppo_moves_the_policy_towards_better_than_the_group(weights):

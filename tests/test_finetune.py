@@ -90,8 +90,9 @@ def offline(tiny_llama, tmp_path_factory):
     return folder
 
 
-def finetune(offline, out, iterations, resume=False, group=1, reference=None):
-    options = FinetuneOptions(adapter=str(offline), iterations=iterations, envs=2, batch_size=4, lr=1e-3, epochs=1)
+def finetune(offline, out, iterations, resume=False, group=1, reference=None, half_life=0.0):
+    options = FinetuneOptions(adapter=str(offline), iterations=iterations, envs=2, batch_size=4, lr=1e-3, epochs=1,
+                              half_life=half_life)
     options.check()
     model = NetLLM.from_adapter(offline, task="cjs")
     ref = NetLLM.from_adapter(offline, task="cjs", merge=True)
@@ -152,7 +153,7 @@ def test_group_rollouts_share_a_job_sequence_with_their_own_draws(offline, tmp_p
     alone = run_episodes(policy, [601], TRAIN, templates=TEMPLATES, sequences=[600])[0]
     assert alone.avg_jct_s == results[1].avg_jct_s  # its draws are its own seed's, whoever plays beside it
     fifo = make_scheduler("fifo")
-    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2, reference=("fifo", fifo))
+    out = finetune(offline, tmp_path / "grouped", iterations=1, group=2, reference=("fifo", fifo), half_life=30.0)
     rows = (out / "metrics.csv").read_text().splitlines()
     last = dict(zip(rows[0].split(","), rows[-1].split(",")))
     assert last["iteration"] == "1" and np.isfinite(float(last["policy_loss"]))

@@ -90,6 +90,9 @@ class FinetuneOptions(Options):
     shared_value: bool = opt(False, "Let the value loss train LoRA and the encoders too (default: the value "
                                     "head learns on detached hidden states, so the critic cannot move the policy).",
                              flag="--shared-value/--detached-value")
+    half_life: float = opt(0.0, "With an input-dependent baseline (a task's --group): discount rewards by the "
+                                "simulated time after the decision, halving every S seconds (0: undiscounted).",
+                           min=0)
     valid_every: int = opt(1, "Validate every N iterations and keep the best adapter.", min=1)
     seed: int = opt(0, "Seed of rollouts, sampling and minibatch order.", min=0)
 
@@ -272,6 +275,24 @@ def group_advantages(returns: np.ndarray, times: np.ndarray, bounds: tuple[np.nd
             baseline = np.mean([np.interp(t, xs, ys, right=0.0) for xs, ys in curves], axis=0)
             adv[starts[m]:ends[m]] = returns[starts[m]:ends[m]] - baseline
     return adv.astype(np.float32)
+
+
+def timed_returns(rewards: np.ndarray, times: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
+                  half_life: float) -> np.ndarray:
+    """Each decision's return-to-go with the rewards discounted by simulated time: R_i =
+    r_i + 2^(-(t_{i+1} - t_i) / half_life) R_{i+1} within an episode (``half_life`` in the
+    unit of ``times``; 0: undiscounted). Where one decision's consequences fade within
+    minutes but an episode lasts an hour, this trades a little bias for much less of the
+    noise that the later decisions add to its return."""
+    out = np.zeros(len(rewards), dtype=np.float64)
+    for start, end in zip(*bounds):
+        running = 0.0
+        for i in range(end - 1, start - 1, -1):
+            if half_life > 0 and i + 1 < end:
+                running *= 2.0 ** (-(times[i + 1] - times[i]) / half_life)
+            running = rewards[i] + running
+            out[i] = running
+    return out.astype(np.float32)
 
 
 def ensure_value_head(model: NetLLM, seed: int = 0) -> None:
@@ -477,7 +498,8 @@ def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetune
         old, ref_logp, values, counts = summed[:n], summed[n:2 * n], summed[2 * n:3 * n], summed[3 * n:]
     scale = float(model.config.rl.return_scale)
     if roll.groups is not None:  # the task played every input several times: Decima's baseline
-        target = pool.returns_to_go(options.gamma, scale)
+        target = (timed_returns(pool.rewards / scale, roll.times, pool.episode_bounds, options.half_life)
+                  if options.half_life > 0 else pool.returns_to_go(options.gamma, scale))
         adv = group_advantages(target, roll.times, pool.episode_bounds, roll.groups)
     else:
         adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)

@@ -10,7 +10,7 @@ network, every weight trainable) instead of an offline adapter and runs the iter
 (``seeds_of``), G episodes per sequence with their own sampling streams, advantages
 against the group's mean return-to-go at the same simulated time
 (``finetune.group_advantages``; Decima has no value head, so ``--group`` >= 2 is
-required), the clipped surrogate, entropy bonus and KL penalty towards the starting
+required; ``--half-life`` discounts the rewards by simulated time), the clipped surrogate, entropy bonus and KL penalty towards the starting
 weights (``finetune.ppo_terms``), ``--epochs`` passes in minibatches of ``--batch-size``
 × 20 decisions (the decisions of ``--batch-size`` tiles of the recipe's K = 20), and
 validation on ``--valid-seeds`` where Decima's published weights are the first row.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from netllm.finetune import (_plot, _read_history, _STATS, _tensorboard, _write_history, check_run_folder,
-                             group_advantages, ppo_terms, run_config)
+                             group_advantages, ppo_terms, run_config, timed_returns)
 from netllm.tasks.cjs.baselines import DecimaScheduler
 from netllm.tasks.cjs.decima import DecimaNet, build_decima, load_decima_state_dict
 from netllm.tasks.cjs.sim import CJSAction, CJSConfig, CJSObservation
@@ -127,14 +127,6 @@ def log_probs(net: DecimaNet, observations: list[CJSObservation], stages: np.nda
     return torch.stack(lps), torch.stack(ents)
 
 
-def returns_to_go(rewards: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Undiscounted return-to-go of every decision within its episode."""
-    out = np.zeros(len(rewards), dtype=np.float64)
-    for s, e in zip(starts, ends):
-        out[s:e] = np.cumsum(rewards[s:e][::-1])[::-1]
-    return out
-
-
 def validate(net: DecimaNet, seeds: list[int], config: CJSConfig, templates: Any = None) -> float:
     """Mean JCT of the weights played as ``netllm eval cjs`` plays Decima (the simulator's stream)."""
     policy = DecimaScheduler(state_dict={k: v.detach().clone() for k, v in net.state_dict().items()})
@@ -215,11 +207,12 @@ def finetune_decima(options: Any, out: Path, seeds_of: Callable[[int], list[int]
     return out
 
 
-def rollout(net: DecimaNet, seeds: list[int], group: int, train: CJSConfig, templates: Any = None
-            ) -> dict[str, Any]:
+def rollout(net: DecimaNet, seeds: list[int], group: int, train: CJSConfig, templates: Any = None,
+            half_life: float = 0.0) -> dict[str, Any]:
     """One sampled episode per seed, the episodes of a group of ``group`` consecutive seeds
     on the job sequence of its first; every decision with its advantage against the
-    group's mean return-to-go at the same simulated time (normalised)."""
+    group's mean return-to-go at the same simulated time (normalised; rewards discounted
+    by ``finetune.timed_returns``' half-life in seconds, 0: not)."""
     net.eval()
     rec = _Recorder(net)
     plays = [seeds[i - i % group] for i in range(len(seeds))]
@@ -230,7 +223,7 @@ def rollout(net: DecimaNet, seeds: list[int], group: int, train: CJSConfig, temp
     starts = ends - lengths
     cat = {key: np.concatenate([np.asarray(ep[key], dtype=np.float64) for ep in episodes])
            for key in ("stage", "limit", "logp", "rewards", "times")}
-    rtg = returns_to_go(cat["rewards"], starts, ends)
+    rtg = timed_returns(cat["rewards"], cat["times"], (starts, ends), half_life).astype(np.float64)
     adv = group_advantages(rtg, cat["times"], (starts, ends), np.arange(len(seeds)) // group)
     return {"obs": [o for ep in episodes for o in ep["obs"]], "stage": cat["stage"].astype(np.int64),
             "limit": cat["limit"].astype(np.int64), "old": torch.from_numpy(cat["logp"].astype(np.float32)),
@@ -274,7 +267,7 @@ def update(net: DecimaNet, ref: DecimaNet, optimizer: torch.optim.Optimizer, bat
 def _iteration(net: DecimaNet, ref: DecimaNet, optimizer: torch.optim.Optimizer, options: Any, it: int,
                seeds: list[int], train: CJSConfig, templates: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    batch = rollout(net, seeds, options.group, train, templates)
+    batch = rollout(net, seeds, options.group, train, templates, options.half_life)
     rollout_s = time.perf_counter() - t0
     means = update(net, ref, optimizer, batch, options, it)
     return {"iteration": it, **dict(zip(_STATS, means)), "return": batch["return"], "jct_s": batch["jct_s"],
