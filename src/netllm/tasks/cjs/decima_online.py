@@ -41,7 +41,7 @@ from netllm.tasks.cjs.baselines import DecimaScheduler
 from netllm.tasks.cjs.decima import DecimaNet, build_decima, load_decima_state_dict
 from netllm.tasks.cjs.sim import CJSAction, CJSConfig, CJSObservation
 from netllm.tasks.cjs.vec import run_episodes
-from netllm.utils import NetLLMError, atomic_path, atomic_write_json
+from netllm.utils import atomic_path, atomic_write_json
 
 NAME = "decima"  # the --adapter value that selects this path
 WEIGHTS = "decima_model.pt"
@@ -140,10 +140,7 @@ def finetune_decima(options: Any, out: Path, seeds_of: Callable[[int], list[int]
     other starting weights); ``options`` are ``netllm finetune cjs``'s. Returns the run folder."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    if options.group < 2:
-        raise NetLLMError("--group: fine-tuning Decima needs --group >= 2 (its advantages are taken against "
-                          "the group's mean return; it has no value head for GAE)")
-    out = Path(out)
+    out = Path(out)  # options were checked (CJSFinetuneOptions.check: --group >= 2)
     check_run_folder(out, options, resume)
     start_weights = load_decima_state_dict() if weights is None else weights
     net, ref = build_decima(start_weights), build_decima(start_weights).eval()
