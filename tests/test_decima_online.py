@@ -115,3 +115,28 @@ def test_cli_decima_needs_a_group(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 1 and "--group" in err[0], err
     assert not out.exists()
+
+
+def test_group_returns_discount_by_half_life_else_gamma():
+    from netllm.finetune import FinetuneOptions, group_returns
+
+    rewards, bounds = np.array([1.0, 2.0, 3.0, 10.0, 20.0]), (np.array([0, 3]), np.array([3, 5]))
+    times = np.array([0.0, 10.0, 30.0, 5.0, 15.0])
+    assert group_returns(rewards, times, bounds, FinetuneOptions()).tolist() == [6.0, 5.0, 3.0, 30.0, 20.0]
+    assert group_returns(rewards, times, bounds, FinetuneOptions(gamma=0.5)).tolist() == [
+        1 + 0.5 * (2 + 0.5 * 3), 2 + 0.5 * 3, 3, 10 + 0.5 * 20, 20]
+    # --half-life wins over --gamma
+    assert group_returns(rewards, times, bounds, FinetuneOptions(gamma=0.5, half_life=10.0)).tolist() == \
+        pytest.approx(timed_returns(rewards, times, bounds, 10.0).tolist())
+
+
+def test_cli_decima_refuses_workers_before_writing(tmp_path, capsys):
+    from netllm.cli import main
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        main(["finetune", "cjs", "--adapter", "decima", "--group", "2", "--workers", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "one process" in err[0], err
+    assert not out.exists()
+

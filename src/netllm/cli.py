@@ -320,6 +320,10 @@ def _register(task: Any) -> None:
             if launched_processes() > 1 and (common.get("workers") is not None or common.get("ray_address")):
                 raise NetLLMError("--workers/--ray-address: under accelerate launch the launched processes share "
                                   "the rollouts; use one or the other")
+            reason = options.single_process()
+            if reason and (launched_processes() > 1 or common.get("workers") is not None
+                           or common.get("ray_address")):
+                raise NetLLMError(reason)
             resolve_device(common["device"])
             out = _out(common["out"], f"{name}-finetune")
             check_run_folder(out, options, common["resume"])  # before anything is written

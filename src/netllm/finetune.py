@@ -64,7 +64,7 @@ from netllm.checkpoint import (load_trainable_state_dict, new_trainer_state, res
 from netllm.heads import HeadSpec, build_head
 from netllm.model import ADAPTER_CONFIG, BestAdapter, NetLLM, read_adapter_config
 from netllm.options import Options, opt
-from netllm.rl import ExperiencePool
+from netllm.rl import ExperiencePool, returns_to_go
 from netllm.utils import NetLLMError, atomic_path
 
 VALUE_HEAD = "value"
@@ -102,6 +102,11 @@ class FinetuneOptions(Options):
             raise NetLLMError("--adapter: fine-tuning starts from an offline adapter (netllm adapt ...)")
         if not (Path(self.adapter) / ADAPTER_CONFIG).is_file():
             raise NetLLMError(f"--adapter {self.adapter}: not an adapter folder (no {ADAPTER_CONFIG})")
+
+    def single_process(self) -> str | None:
+        """Why this run cannot spread over workers or launched processes (a one-line error
+        the CLI gives before it writes anything), or None: it can."""
+        return None
 
 
 def check_adapter(path: str, task: str) -> dict[str, Any]:
@@ -293,6 +298,18 @@ def timed_returns(rewards: np.ndarray, times: np.ndarray, bounds: tuple[np.ndarr
             running = rewards[i] + running
             out[i] = running
     return out.astype(np.float32)
+
+
+def group_returns(rewards: np.ndarray, times: np.ndarray, bounds: tuple[np.ndarray, np.ndarray],
+                  options: FinetuneOptions) -> np.ndarray:
+    """The returns-to-go that a group baseline compares: discounted by simulated time
+    (``--half-life``) when set, else by ``--gamma`` per decision."""
+    if options.half_life > 0:
+        return timed_returns(rewards, times, bounds, options.half_life)
+    starts, ends = (np.asarray(b, dtype=np.int64) for b in bounds)
+    dones = np.zeros(len(rewards), dtype=bool)
+    dones[ends[ends > starts] - 1] = True
+    return returns_to_go(rewards, dones, options.gamma)
 
 
 def ensure_value_head(model: NetLLM, seed: int = 0) -> None:
@@ -498,8 +515,7 @@ def _iteration(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetune
         old, ref_logp, values, counts = summed[:n], summed[n:2 * n], summed[2 * n:3 * n], summed[3 * n:]
     scale = float(model.config.rl.return_scale)
     if roll.groups is not None:  # the task played every input several times: Decima's baseline
-        target = (timed_returns(pool.rewards / scale, roll.times, pool.episode_bounds, options.half_life)
-                  if options.half_life > 0 else pool.returns_to_go(options.gamma, scale))
+        target = group_returns(pool.rewards / scale, roll.times, pool.episode_bounds, options)
         adv = group_advantages(target, roll.times, pool.episode_bounds, roll.groups)
     else:
         adv, target = gae(pool.rewards / scale, values, pool.dones, options.gamma, options.gae_lambda)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from netllm.finetune import (_plot, _read_history, _STATS, _tensorboard, _write_history, check_run_folder,
-                             group_advantages, ppo_terms, run_config, timed_returns)
+                             FinetuneOptions, group_advantages, group_returns, ppo_terms, run_config)
 from netllm.tasks.cjs.baselines import DecimaScheduler
 from netllm.tasks.cjs.decima import DecimaNet, build_decima, load_decima_state_dict
 from netllm.tasks.cjs.sim import CJSAction, CJSConfig, CJSObservation
@@ -205,11 +205,12 @@ def finetune_decima(options: Any, out: Path, seeds_of: Callable[[int], list[int]
 
 
 def rollout(net: DecimaNet, seeds: list[int], group: int, train: CJSConfig, templates: Any = None,
-            half_life: float = 0.0) -> dict[str, Any]:
+            options: FinetuneOptions | None = None) -> dict[str, Any]:
     """One sampled episode per seed, the episodes of a group of ``group`` consecutive seeds
     on the job sequence of its first; every decision with its advantage against the
     group's mean return-to-go at the same simulated time (normalised; rewards discounted
-    by ``finetune.timed_returns``' half-life in seconds, 0: not)."""
+    ``finetune.group_returns``: by ``options.half_life`` seconds of simulated time, else
+    by ``options.gamma`` per decision; default: undiscounted)."""
     net.eval()
     rec = _Recorder(net)
     plays = [seeds[i - i % group] for i in range(len(seeds))]
@@ -220,7 +221,8 @@ def rollout(net: DecimaNet, seeds: list[int], group: int, train: CJSConfig, temp
     starts = ends - lengths
     cat = {key: np.concatenate([np.asarray(ep[key], dtype=np.float64) for ep in episodes])
            for key in ("stage", "limit", "logp", "rewards", "times")}
-    rtg = timed_returns(cat["rewards"], cat["times"], (starts, ends), half_life).astype(np.float64)
+    rtg = group_returns(cat["rewards"], cat["times"], (starts, ends),
+                        options or FinetuneOptions()).astype(np.float64)
     adv = group_advantages(rtg, cat["times"], (starts, ends), np.arange(len(seeds)) // group)
     return {"obs": [o for ep in episodes for o in ep["obs"]], "stage": cat["stage"].astype(np.int64),
             "limit": cat["limit"].astype(np.int64), "old": torch.from_numpy(cat["logp"].astype(np.float32)),
@@ -264,7 +266,7 @@ def update(net: DecimaNet, ref: DecimaNet, optimizer: torch.optim.Optimizer, bat
 def _iteration(net: DecimaNet, ref: DecimaNet, optimizer: torch.optim.Optimizer, options: Any, it: int,
                seeds: list[int], train: CJSConfig, templates: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
-    batch = rollout(net, seeds, options.group, train, templates, options.half_life)
+    batch = rollout(net, seeds, options.group, train, templates, options)
     rollout_s = time.perf_counter() - t0
     means = update(net, ref, optimizer, batch, options, it)
     return {"iteration": it, **dict(zip(_STATS, means)), "return": batch["return"], "jct_s": batch["jct_s"],

@@ -200,6 +200,10 @@ class CJSFinetuneOptions(FinetuneOptions):
                         "at the same simulated time (Decima's input-dependent baseline) instead of GAE; must "
                         "divide --envs.", min=1)
 
+    def single_process(self) -> str | None:
+        return ("--adapter decima: runs in one process (no --workers, --ray-address or accelerate launch)"
+                if self.adapter == DECIMA else None)
+
     def check(self) -> None:
         if self.adapter == DECIMA:  # the control: the same PPO on Decima's own network (decima_online.py)
             Options.check(self)
@@ -330,9 +334,8 @@ class CJSTask(Task):
         from netllm.tasks.cjs.jobs import load_all
         from netllm.train import launched_processes
 
-        if parallel.active() is not None or launched_processes() > 1:
-            raise NetLLMError("--adapter decima: runs in one process (no --workers, --ray-address or accelerate "
-                              "launch)")
+        if parallel.active() is not None or launched_processes() > 1:  # the CLI refuses it before writing
+            raise NetLLMError(str(options.single_process()))
         load_all()
         return finetune_decima(options, out, seeds_of, CJSConfig(num_jobs=options.jobs,
                                                                  num_executors=options.executors),
