@@ -208,9 +208,9 @@ def rollout(net: DecimaNet, seeds: list[int], group: int, train: CJSConfig, temp
             options: FinetuneOptions | None = None) -> dict[str, Any]:
     """One sampled episode per seed, the episodes of a group of ``group`` consecutive seeds
     on the job sequence of its first; every decision with its advantage against the
-    group's mean return-to-go at the same simulated time (normalised; rewards discounted
-    ``finetune.group_returns``: by ``options.half_life`` seconds of simulated time, else
-    by ``options.gamma`` per decision; default: undiscounted)."""
+    group's mean return-to-go at the same simulated time (normalised; the returns are
+    ``finetune.group_returns``': discounted by ``options.half_life`` seconds of simulated
+    time, else by ``options.gamma`` per decision; default: undiscounted)."""
     net.eval()
     rec = _Recorder(net)
     plays = [seeds[i - i % group] for i in range(len(seeds))]
