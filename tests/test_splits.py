@@ -56,6 +56,7 @@ def test_cjs_pool_validation_and_test_seeds_are_apart():
     o = CJSBenchOptions()
     test, pool = set(parse_seeds(o.seeds)), set(parse_seeds(o.pool_seeds))
     assert not test & pool and o.eval_seed not in test | pool
+    assert not pool & set(range(1001, 1011))  # the validation sequences that chose the recipe (pool size, decoding)
 
 
 def test_abr_demo_validates_on_traces_no_pool_or_test_uses(real_data, monkeypatch):

@@ -12,11 +12,12 @@ job DAGs, ``features.py``; a score over the schedulable stages, a categorical he
 executor limits, return-conditioned offline RL, ``policy.py``) learns from a Decima pool
 (``pool.py``):
 
-    netllm collect cjs --policy decima --seeds 101-148 --out runs/pool-cjs-decima48
-    netllm adapt cjs --pool runs/pool-cjs-decima48 --out runs/cjs-d48 --layers 4 --context 20 --steps 3000 \
+    netllm collect cjs --policy decima --seeds 101-196 --out runs/pool-cjs-decima96
+    netllm adapt cjs --pool runs/pool-cjs-decima96 --out runs/cjs-d96 --layers 4 --context 20 --steps 3000 \
         --schedule cosine --eval-every 500 --eval-jobs 100 --decode sample
-    (those are the recipe's defaults: `netllm adapt cjs --pool runs/pool-cjs-decima48` is the same)
-    netllm eval cjs --policy runs/cjs-d48 --policy decima --seeds 1-10
+    (those are the recipe's defaults: `netllm adapt cjs --pool runs/pool-cjs-decima96` is the same;
+    the 96 sequences were chosen against 24 and 48 on the validation sequences 1001-1010)
+    netllm eval cjs --policy runs/cjs-d96 --policy decima --seeds 1-10
 
 The heads imitate Decima, which samples its choices; their arg-max hands out larger
 executor limits than Decima would (``benchmarks/cjs_heads.py``), so a well-fitted
@@ -157,7 +158,7 @@ class CJSBenchOptions(CJSRecipe):
     seeds: str = opt("1-10", "Evaluation seeds (job sequences) of every setting.")
     train_seeds: str = opt("0", TRAIN_SEEDS_HELP)
     policies: str = opt("fifo,fair,decima", "Baselines evaluated beside the adapters (comma-separated).")
-    pool_seeds: str = opt("101-148", "Job sequences of the pool's episodes.")
+    pool_seeds: str = opt("101-196", "Job sequences of the pool's episodes (96: chosen on validation).")
     pool_jobs: int = opt(200, "Jobs per pool episode.", min=1)
     behaviour: str = opt("decima", "Schedulers that play the pool's episodes (comma-separated).")
     keep: str = opt("all", "Pool: all episodes, or per job sequence the best of --draws.", choices=("all", "best"))
@@ -345,8 +346,8 @@ class CJSTask(Task):
     def bench(self, options: CJSBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """Pool -> NetLLM adaptation (+ the random-init control) -> the baselines and the
         adapters on the default setting and generalisation settings; plus speed.
-        The defaults are the README's best recipe (runs/cjs-d48): one Decima episode on
-        each of the job sequences 101-148, the recipe's 3,000 cosine-decayed steps,
+        The defaults are the README's best recipe: one Decima episode on
+        each of the job sequences 101-196, the recipe's 3,000 cosine-decayed steps,
         validation every 500 steps, decisions sampled from the heads;
         ``--keep best --draws N [--segment S]`` builds a best-of pool (of episodes, or of
         S-second segments) instead.
