@@ -51,12 +51,13 @@ def test_abr_upstream_overlap_is_pinned_and_unseen_excludes_it(real_data, monkey
 
 
 def test_cjs_pool_validation_and_test_seeds_are_apart():
-    from netllm.tasks.cjs.task import CJSBenchOptions
+    from netllm.tasks.cjs.task import CJSBenchOptions, CJSFinetuneOptions
 
     o = CJSBenchOptions()
     test, pool = set(parse_seeds(o.seeds)), set(parse_seeds(o.pool_seeds))
     assert not test & pool and o.eval_seed not in test | pool
-    assert not pool & set(range(1001, 1011))  # the validation sequences that chose the recipe (pool size, decoding)
+    valid = set(parse_seeds(CJSFinetuneOptions().valid_seeds))  # 1001-1010: they chose the pool size and decoding
+    assert valid and not pool & valid
 
 
 def test_abr_demo_validates_on_traces_no_pool_or_test_uses(real_data, monkeypatch):
