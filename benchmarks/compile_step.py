@@ -18,30 +18,20 @@ host's kernel launches; on a CPU the step is compute, and the gain is small.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from netllm.bench import _timed, lora_train_step
+from netllm.utils import atomic_write_json
 
-from netllm.bench import lora_train_step  # noqa: E402
 
-
-def mean_step_s(step, repeats: int, device: str) -> float:
-    step()
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+def mean_step_s(step, repeats: int) -> float:
+    """Mean seconds of ``repeats`` steps after two warm-up steps (the foundation bench's timer)."""
+    _timed(step, 2)
+    return sum(_timed(step, repeats)) / repeats
 
 
 def main() -> None:
@@ -58,7 +48,7 @@ def main() -> None:
 
     bb, step = lora_train_step(args.llm, args.device, args.layers, args.batch, args.tokens,
                                precision=args.precision)
-    eager_s = mean_step_s(step, args.repeats, args.device)
+    eager_s = mean_step_s(step, args.repeats)
 
     x = torch.randn(2, args.tokens, bb.hidden_size, device=bb.device)
     mask = torch.ones(2, args.tokens, dtype=torch.long, device=bb.device)
@@ -71,7 +61,7 @@ def main() -> None:
         compiled = bb(x, mask)[0].float()
         eager = bb._transformer._orig_mod(inputs_embeds=x.to(bb.dtype), attention_mask=mask).last_hidden_state.float()
     bb.train()
-    compiled_s = mean_step_s(step, args.repeats, args.device)
+    compiled_s = mean_step_s(step, args.repeats)
 
     tokens = args.batch * args.tokens
     result = {
@@ -90,9 +80,7 @@ def main() -> None:
           f"hidden states differ by at most {result['max_abs_diff_hidden']:.2e} "
           f"(largest value {result['reference_scale']:.1f})")
     if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out)
+        atomic_write_json(args.out, result)
 
 
 if __name__ == "__main__":
