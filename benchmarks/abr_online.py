@@ -1,46 +1,64 @@
-"""An ABR adapter before and after ``netllm finetune abr``, against the baselines, on
-fcc-test and on generated traces from network conditions no training run saw.
+"""ABR adapters before and after ``netllm finetune abr``, for one or more recipes and
+training seeds, against the baselines, on fcc-test and on generated traces from network
+conditions no training run saw.
 
     NETLLM_DATA=../shared/data OMP_NUM_THREADS=1 .venv/bin/python benchmarks/abr_online.py \\
-        --offline runs/abr --finetuned runs/abr-ppo [--out runs/abr-online.json] \\
-        [--control-offline runs/abr-rand --control-finetuned runs/abr-rand-ppo]
+        --variant netllm=runs/abr-s{seed},runs/abr-s{seed}-ppo \\
+        --variant random-init=runs/abr-rand-s{seed},runs/abr-rand-s{seed}-ppo \\
+        --variant scratch=runs/abr-scratch-s{seed},runs/abr-scratch-s{seed}-ppo \\
+        --train-seeds 0,1,2 [--out runs/abr-online.json] [--cache runs/abr-online-cache] [--partial]
 
-With the control (the same recipe from random LLM weights: ``adapt --random-init``, then
-the same ``finetune``), the table adds the fine-tuned control and the paired difference
-fine-tuned − fine-tuned control: what the pretrained weights are worth once the policy
-learns online.
+A variant is a recipe: ``NAME=OFFLINE,FINETUNED`` — the offline adapter and the one
+``finetune`` made from it; ``{seed}`` stands for each of ``--train-seeds``. The first
+variant is compared with each other one (the controls: ``adapt --random-init`` and
+``--llm scratch``, each followed by the same ``finetune``): what the pretrained LLM is
+worth once the policy learns online.
 
-Test sets (every policy on the same traces, start positions and delay noise; paired per
-trace, 95 % t interval of the mean paired difference):
+Test sets (every policy on the same traces, start positions and delay noise):
 
-* ``fcc-test`` × video1, video2 — the upstream setting of ``netllm eval abr``;
+* ``fcc-test`` × video1, video2 — the upstream setting of ``netllm eval abr``, and its
+  traces that are no copy of an fcc-train trace (``fcc-unseen``);
 * ``variable`` × video1, video2 — 100 Markov-chain traces (``synthetic_traces``, seed
   20261202) with 0.3–8 Mbps states, switching probability 0.3–0.6 per second and noise
   0.2–0.35: more variable than any trace ``finetune --generated`` draws (switching
   0.02–0.2, noise 0.02–0.15), held out — no choice was made on them. Delay noise and
   random start positions, seed 1.
 
-Selection of the fine-tuned adapter was on ``fcc-holdout`` (its own validation), never here.
+Differences are paired: within a training seed per trace (95 % t interval over traces),
+and over training seeds on the per-seed means (95 % t interval over training seeds,
+n = number of seeds; this one holds the test traces fixed).
+
+Evaluation is deterministic, so each adapter's per-trace QoE is cached (``--cache``,
+keyed by the adapter's files and the test sets): adding a training seed later, or
+running one variant per job as its training finishes, evaluates nothing twice.
+``--partial`` reports the (variant, seed) runs whose adapters exist and names the rest.
+
+Selection of every fine-tuned adapter was on ``fcc-holdout`` (its own validation), never here.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from netllm.stats import describe, paired_difference
-from netllm.tasks.abr.baselines import make_baseline
+from netllm.stats import describe, paired_difference, spread
+from netllm.tasks.abr.baselines import BASELINES, make_baseline
 from netllm.tasks.abr.task import NetLLMABRPolicy, env_setting, evaluate
 from netllm.tasks.abr.traces import copies_of, load_traces, load_video, synthetic_traces
-from netllm.utils import atomic_write_json
+from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 
 console = Console()
 HELD_OUT = {"n": 100, "seed": 20261202, "low_mbps": 0.3, "high_mbps": 8.0, "switch_prob": (0.3, 0.6),
             "noise_cov": (0.2, 0.35)}
+VIDEOS = ("video1", "video2")
+STAGES = ("offline", "finetuned")
+ADAPTER_FILES = ("adapter_config.json", "config.json")
 
 
 def held_out_traces() -> list[Any]:
@@ -48,74 +66,210 @@ def held_out_traces() -> list[Any]:
     return synthetic_traces(spec.pop("n"), **spec)
 
 
+def test_sets() -> dict[str, tuple[Any, dict[str, Any]]]:
+    return {"fcc-test": (load_traces("fcc-test"), env_setting("fcc-test")), "variable": (held_out_traces(), {})}
+
+
+SPEC = json.dumps({"held_out": HELD_OUT, "sets": ["fcc-test upstream setting", "variable, eval seed 1"],
+                   "videos": VIDEOS}, sort_keys=True)
+
+
+def parse_variant(text: str) -> tuple[str, str, str]:
+    name, sep, paths = text.partition("=")
+    parts = paths.split(",")
+    if not sep or not name or len(parts) != 2 or not all(parts):
+        raise NetLLMError(f"--variant {text!r}: expected NAME=OFFLINE,FINETUNED (adapter folders; {{seed}} "
+                          "stands for each training seed)")
+    return name, parts[0], parts[1]
+
+
+def adapter_key(folder: Path) -> str:
+    """A hash of the files an adapter is loaded from, and of the test sets."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors"
+                                                                   or p.name in ADAPTER_FILES))
+    if not any(p.name == "adapter_config.json" for p in files):
+        raise NetLLMError(f"--variant: {folder} is not an ABR adapter folder (no adapter_config.json)")
+    h = hashlib.sha256(SPEC.encode())
+    for p in files:
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:24]
+
+
+def per_trace_qoe(policy: Any, sets: dict[str, tuple[Any, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """``{"fcc-test/video1": {trace: QoE}, …}`` on every test set and video."""
+    out: dict[str, dict[str, float]] = {}
+    for set_name, (traces, setting) in sets.items():
+        for video_name in VIDEOS:
+            m = evaluate(policy, traces, load_video(video_name), [1], **setting)
+            out[f"{set_name}/{video_name}"] = {f"{r['trace']}": float(r["qoe"]) for r in m.rows}
+    return out
+
+
+def cached(cache: Path, key: str, label: str, compute: Any) -> dict[str, dict[str, float]]:
+    path = cache / f"{key}.json"
+    if path.is_file():
+        console.print(f"{label}: cached ({path})")
+        return json.loads(path.read_text())["qoe"]
+    console.print(f"{label}: evaluating")
+    qoe = compute()
+    atomic_write_json(path, {"policy": label, "spec": json.loads(SPEC), "qoe": qoe})
+    return qoe
+
+
+def mean(values: dict[str, float]) -> float:
+    return sum(values.values()) / len(values)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--offline", type=Path, required=True)
-    ap.add_argument("--finetuned", type=Path, required=True)
-    ap.add_argument("--control-offline", type=Path, default=None)
-    ap.add_argument("--control-finetuned", type=Path, default=None)
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME=OFFLINE,FINETUNED")
+    ap.add_argument("--train-seeds", default="0", help="Training seeds that {seed} stands for (e.g. 0,1,2).")
     ap.add_argument("--baselines", default="genet,mpc,bba")
+    ap.add_argument("--partial", action="store_true", help="Skip (variant, seed) runs that are not there yet.")
     ap.add_argument("--out", type=Path, default=Path("runs/abr-online.json"))
+    ap.add_argument("--cache", type=Path, default=None, help="Per-adapter results (default: <out>-cache).")
     args = ap.parse_args()
+    try:
+        run(args)
+    except NetLLMError as e:
+        raise SystemExit(f"error: {e}") from None
 
-    policies: dict[str, Any] = {
-        "offline": NetLLMABRPolicy.from_adapter(args.offline, device="cpu"),
-        "finetuned": NetLLMABRPolicy.from_adapter(args.finetuned, device="cpu"),
-    }
-    control = args.control_finetuned is not None
-    if args.control_offline is not None:
-        policies["control-offline"] = NetLLMABRPolicy.from_adapter(args.control_offline, device="cpu")
-    if control:
-        policies["control-finetuned"] = NetLLMABRPolicy.from_adapter(args.control_finetuned, device="cpu")
-    for name in args.baselines.split(","):
-        policies[name] = make_baseline(name)
-    sets = {"fcc-test": (load_traces("fcc-test"), env_setting("fcc-test")), "variable": (held_out_traces(), {})}
-    report: dict[str, Any] = {"offline": str(args.offline), "finetuned": str(args.finetuned),
-                              "control_offline": str(args.control_offline), "control_finetuned": str(args.control_finetuned),
+
+def run(args: argparse.Namespace) -> None:
+    variants = [parse_variant(v) for v in args.variant]
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names):
+        raise NetLLMError(f"--variant: names must differ, got {names}")
+    seeds = parse_seeds(args.train_seeds, "--train-seeds")
+    baselines = [b for b in args.baselines.split(",") if b]
+    for b in baselines:
+        if b not in BASELINES:
+            raise NetLLMError(f"--baselines: unknown baseline {b!r} (choose from {', '.join(BASELINES)})")
+    cache = args.cache or args.out.with_name(args.out.stem + "-cache")
+
+    runs: dict[str, dict[int, dict[str, Path]]] = {}
+    missing: list[str] = []
+    for name, off, fin in variants:
+        runs[name] = {}
+        for s in seeds:
+            paths = {"offline": Path(off.replace("{seed}", str(s))), "finetuned": Path(fin.replace("{seed}", str(s)))}
+            absent = [str(p) for p in paths.values() if not (p / "adapter_config.json").is_file()]
+            if absent and not args.partial:
+                raise NetLLMError(f"--variant {name}, training seed {s}: no adapter in {', '.join(absent)} "
+                                  "(--partial reports the runs that exist)")
+            if absent:
+                missing.append(f"{name} seed {s}")
+            else:
+                runs[name][s] = paths
+    if not any(runs.values()):
+        raise NetLLMError("--variant: no run has both adapters yet")
+
+    sets = test_sets()
+    qoe: dict[str, dict[int, dict[str, dict[str, dict[str, float]]]]] = {}
+    for name, per_seed in runs.items():
+        qoe[name] = {}
+        for s, paths in per_seed.items():
+            qoe[name][s] = {}
+            for stage, path in paths.items():
+                qoe[name][s][stage] = cached(cache, adapter_key(path), f"{name} seed {s} {stage} ({path})",
+                                             lambda p=path: per_trace_qoe(NetLLMABRPolicy.from_adapter(p, device="cpu"),
+                                                                          sets))
+    base: dict[str, dict[str, dict[str, float]]] = {}
+    for b in baselines:
+        key = hashlib.sha256((SPEC + "baseline " + b).encode()).hexdigest()[:24]
+        base[b] = cached(cache, key, b, lambda b=b: per_trace_qoe(make_baseline(b), sets))
+
+    # fcc-test's traces that are no copy of an fcc-train trace
+    fcc = sets["fcc-test"][0]
+    seen = copies_of(fcc, load_traces("fcc-train"))
+    unseen = [t.name for t in fcc if t.name not in seen]
+    keys = [f"{s}/{v}" for s in sets for v in VIDEOS]
+    keys += [f"fcc-unseen/{v}" for v in VIDEOS]
+
+    def pick(per_trace: dict[str, dict[str, float]], key: str) -> dict[str, float]:
+        if key.startswith("fcc-unseen/"):
+            full = per_trace[key.replace("fcc-unseen/", "fcc-test/")]
+            return {t: full[t] for t in unseen}
+        return per_trace[key]
+
+    report: dict[str, Any] = {"variants": {n: {"offline": off, "finetuned": fin} for n, off, fin in variants},
+                              "train_seeds": seeds, "missing": missing, "unseen_traces": len(unseen),
                               "held_out": {k: list(v) if isinstance(v, tuple) else v for k, v in HELD_OUT.items()},
                               "results": {}}
-    table = Table(title="ABR: offline vs fine-tuned adapter (mean QoE; paired per trace, 95 % CI)")
-    table.add_column("test set")
-    for name in policies:
-        table.add_column(name)
-    table.add_column("finetuned − offline")
-    table.add_column("finetuned − best baseline")
-    if control:
-        table.add_column("finetuned − control-finetuned")
-    for set_name, (traces, setting) in sets.items():
-        for video_name in ("video1", "video2"):
-            video = load_video(video_name)
-            per_trace: dict[str, dict[str, float]] = {}
-            for name, policy in policies.items():
-                m = evaluate(policy, traces, video, [1], **setting)
-                per_trace[name] = {f"{r['trace']}": float(r["qoe"]) for r in m.rows}
-            means = {n: sum(v.values()) / len(v) for n, v in per_trace.items()}
-            best = max(args.baselines.split(","), key=lambda n: means[n])
-            d_off = paired_difference(per_trace["finetuned"], per_trace["offline"], "higher")
-            d_best = paired_difference(per_trace["finetuned"], per_trace[best], "higher")
-            key = f"{set_name}/{video_name}"
-            report["results"][key] = {"mean_qoe": means, "finetuned_minus_offline": d_off,
-                                      "best_baseline": best, "finetuned_minus_best_baseline": d_best}
-            d_ctl = None
-            if control:
-                d_ctl = paired_difference(per_trace["finetuned"], per_trace["control-finetuned"], "higher")
-                report["results"][key]["finetuned_minus_control_finetuned"] = d_ctl
-            if set_name == "fcc-test":  # and on its traces that are no copy of an fcc-train trace
-                seen = copies_of(traces, load_traces("fcc-train"))
-                unseen = [t.name for t in traces if t.name not in seen]
-                pick = {n: {t: v[t] for t in unseen} for n, v in per_trace.items()}
-                report["results"][key]["unseen"] = {
-                    "traces": len(unseen), "mean_qoe": {n: sum(v.values()) / len(v) for n, v in pick.items()},
-                    "finetuned_minus_offline": paired_difference(pick["finetuned"], pick["offline"], "higher"),
-                    "finetuned_minus_best_baseline": paired_difference(pick["finetuned"], pick[best], "higher")}
-                if control:
-                    report["results"][key]["unseen"]["finetuned_minus_control_finetuned"] = paired_difference(
-                        pick["finetuned"], pick["control-finetuned"], "higher")
-            table.add_row(key, *(f"{means[n]:.3f}" for n in policies), describe(d_off),
-                          f"{best}: {describe(d_best)}", *([describe(d_ctl)] if d_ctl is not None else []))
-            atomic_write_json(args.out, report)
-    console.print(table)
+    first = names[0]
+    for key in keys:
+        b_means = {b: mean(pick(base[b], key)) for b in baselines}
+        best = max(baselines, key=lambda b: b_means[b]) if baselines else None
+        res: dict[str, Any] = {"baselines": b_means, "best_baseline": best, "variants": {}, "comparisons": {}}
+        for name in names:
+            per_seed = {s: {st: mean(pick(qoe[name][s][st], key)) for st in STAGES} for s in qoe[name]}
+            res["variants"][name] = {
+                "per_seed": {str(s): v for s, v in per_seed.items()},
+                **{st: spread({s: v[st] for s, v in per_seed.items()}) for st in STAGES if per_seed}}
+
+        def compare(a: tuple[str, str], b: tuple[str, str] | str, key: str = key) -> dict[str, Any] | None:
+            """a − b, per training seed (per trace) and over the training seeds both have."""
+            common = sorted(set(qoe[a[0]]) & (set(qoe[b[0]]) if isinstance(b, tuple) else set(seeds)))
+            if not common:
+                return None
+            per_seed, means_a, means_b = {}, {}, {}
+            for s in common:
+                x = pick(qoe[a[0]][s][a[1]], key)
+                y = pick(qoe[b[0]][s][b[1]], key) if isinstance(b, tuple) else pick(base[b], key)
+                per_seed[str(s)] = paired_difference(x, y, "higher")
+                means_a[s], means_b[s] = mean(x), mean(y)
+            return {"per_seed": per_seed, "over_seeds": paired_difference(means_a, means_b, "higher")}
+
+        comps: dict[str, Any] = {}
+        for name in names:
+            comps[f"{name} finetuned − offline"] = compare((name, "finetuned"), (name, "offline"))
+            if best:
+                comps[f"{name} finetuned − {best}"] = compare((name, "finetuned"), best)
+        for other in names[1:]:
+            for st in STAGES:
+                comps[f"{first} {st} − {other} {st}"] = compare((first, st), (other, st))
+        res["comparisons"] = {k: v for k, v in comps.items() if v is not None}
+        report["results"][key] = res
+    atomic_write_json(args.out, report)
+    print_report(report, names)
+    if missing:
+        console.print(f"not there yet (skipped): {', '.join(missing)}")
     console.print(f"written {args.out}")
+
+
+def short(diff: dict[str, Any]) -> str:
+    ci = diff.get("ci")
+    return f"{diff['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+
+
+def print_report(report: dict[str, Any], names: list[str]) -> None:
+    seeds = ",".join(str(s) for s in report["train_seeds"])
+    table = Table(title=f"ABR: offline → fine-tuned (mean QoE, mean ± std over training seeds {seeds})")
+    table.add_column("test set")
+    first = next(iter(report["results"].values()))
+    for b in first["baselines"]:
+        table.add_column(b)
+    for n in names:
+        table.add_column(f"{n} offline → fine-tuned")
+    for key, res in report["results"].items():
+        cells = [f"{v:.3f}" for v in res["baselines"].values()]
+        for n in names:
+            v = res["variants"][n]
+            cells.append("—" if "offline" not in v else
+                         f"{v['offline']['mean']:.3f} → {v['finetuned']['mean']:.3f} ± {v['finetuned']['std']:.3f}")
+        table.add_row(key, *cells)
+    console.print(table)
+    diffs = Table(title="Paired differences, 95 % t intervals: over training seeds; per training seed over traces")
+    diffs.add_column("test set")
+    diffs.add_column("difference")
+    diffs.add_column("over training seeds")
+    diffs.add_column("per training seed")
+    for key, res in report["results"].items():
+        for label, c in res["comparisons"].items():
+            diffs.add_row(key, label, describe(c["over_seeds"]),
+                          "; ".join(f"{s}: {short(d)}" for s, d in c["per_seed"].items()))
+    console.print(diffs)
 
 
 if __name__ == "__main__":
