@@ -18,7 +18,7 @@ Test sets (every policy on the same traces, start positions and delay noise):
 
 * ``fcc-test`` × video1, video2 — the upstream setting of ``netllm eval abr``, and its
   traces that are no copy of an fcc-train trace (``fcc-unseen``);
-* ``variable`` × video1, video2 — 100 Markov-chain traces (``synthetic_traces``, seed
+* ``variable`` × video1, video2 — 100 Markov-chain traces (``traces.variable_traces``, seed
   20261202) with 0.3–8 Mbps states, switching probability 0.3–0.6 per second and noise
   0.2–0.35: more variable than any trace ``finetune --generated`` draws (switching
   0.02–0.2, noise 0.02–0.15), held out — no choice was made on them. Delay noise and
@@ -27,6 +27,10 @@ Test sets (every policy on the same traces, start positions and delay noise):
 Differences are paired: within a training seed per trace (95 % t interval over traces),
 and over training seeds on the per-seed means (95 % t interval over training seeds,
 n = number of seeds; this one holds the test traces fixed).
+
+``netllm bench abr --finetune-iterations N`` trains and tests all of this in one command
+(over training seeds); this script is for runs made with the commands themselves, and
+adds the per-trace intervals within each training seed.
 
 Evaluation is deterministic, so each adapter's per-trace QoE is cached (``--cache``,
 keyed by the adapter's files and the test sets): adding a training seed later, or
@@ -50,24 +54,18 @@ from rich.table import Table
 from netllm.stats import describe, paired_difference, spread
 from netllm.tasks.abr.baselines import BASELINES, make_baseline
 from netllm.tasks.abr.task import NetLLMABRPolicy, env_setting, evaluate
-from netllm.tasks.abr.traces import copies_of, load_traces, load_video, synthetic_traces
+from netllm.tasks.abr.traces import VARIABLE_TRACES, copies_of, load_traces, load_video, variable_traces
 from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 
 console = Console()
-HELD_OUT = {"n": 100, "seed": 20261202, "low_mbps": 0.3, "high_mbps": 8.0, "switch_prob": (0.3, 0.6),
-            "noise_cov": (0.2, 0.35)}
+HELD_OUT = VARIABLE_TRACES
 VIDEOS = ("video1", "video2")
 STAGES = ("offline", "finetuned")
 ADAPTER_FILES = ("adapter_config.json", "config.json")
 
 
-def held_out_traces() -> list[Any]:
-    spec = dict(HELD_OUT)
-    return synthetic_traces(spec.pop("n"), **spec)
-
-
 def test_sets() -> dict[str, tuple[Any, dict[str, Any]]]:
-    return {"fcc-test": (load_traces("fcc-test"), env_setting("fcc-test")), "variable": (held_out_traces(), {})}
+    return {"fcc-test": (load_traces("fcc-test"), env_setting("fcc-test")), "variable": (variable_traces(), {})}
 
 
 SPEC = json.dumps({"held_out": HELD_OUT, "sets": ["fcc-test upstream setting", "variable, eval seed 1"],

@@ -177,6 +177,8 @@ def test_pools_over_several_videos_concatenate_per_video_best_of():
     ("bench", ["--train-seeds", "1,,x"], "--train-seeds"),
     ("bench", ["--seed", "4"], "--seed"),
     ("bench", ["--steps", "x"], "--steps"),
+    ("bench", ["--finetune-iterations", "-1"], "--finetune-iterations"),
+    ("bench", ["--finetune-envs", "0"], "--finetune-envs"),
 ])
 def test_every_bad_option_is_one_line_before_any_work(tmp_path, command, args, needle):
     out = tmp_path / "run"
@@ -285,3 +287,50 @@ def test_bench_over_two_training_seeds_on_the_clean_split(tiny_llama, real_data,
     for s in (0, 1):
         config = json.loads((tmp_path / "bench" / f"{label}-seed{s}" / "adapter_config.json").read_text())
         assert config["extra"]["recipe"]["seed"] == s and config["extra"]["recipe"]["valid_traces"] == "fcc-holdout"
+
+
+@pytest.mark.integration
+def test_bench_online_stage_fine_tunes_every_adapter_and_reuses_what_is_done(tiny_llama, real_data, tmp_path,
+                                                                            monkeypatch):
+    """`bench abr --finetune-iterations N`: every trained adapter (NetLLM and its control)
+    is fine-tuned into <folder>-ppo with its own training seed; offline and fine-tuned
+    adapters are tested on fcc-test and on the held-out 'variable' traces, with the
+    fine-tuned NetLLM compared with its offline adapter, the best baseline and the
+    fine-tuned control. Run again, nothing is trained or evaluated twice; other online
+    options on the same folder are a one-line error."""
+    from netllm.tasks.abr.task import TASK, ABRBenchOptions
+
+    monkeypatch.setenv("NETLLM_DATA", str(real_data))
+    common = dict(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=2, warmup_steps=0,
+                  eval_every=2, valid_count=3, behaviour="bba", keep="all", pool_seeds="1", pool_videos="video1",
+                  seeds="1", videos="video1", controls="random", baselines="bba,mpc", train_seeds="0",
+                  finetune_iterations=1, finetune_envs=2, finetune_generated=1)
+    out = tmp_path / "bench"
+    summary = TASK.bench(ABRBenchOptions.build(**common), out, device="cpu")
+    label = "netllm-" + os.path.basename(tiny_llama)
+    for name in (label, f"{label}-random-init"):
+        ppo = json.loads((out / f"{name}-seed0-ppo" / "adapter_config.json").read_text())
+        assert ppo["extra"]["finetuned_from"] == str(out / f"{name}-seed0")
+        assert ppo["extra"]["finetune"]["iterations"] == 1 and ppo["extra"]["finetune"]["seed"] == 0
+        assert ppo["extra"]["finetune"]["envs"] == 2 and ppo["extra"]["finetune"]["generated"] == 1
+    assert any(k.startswith("finetune ") for k in summary["wall_s"])
+    for key in ("video1", "variable/video1"):
+        table = summary[key]
+        assert {label, f"{label}-ppo", f"{label}-random-init-ppo", "bba", "mpc"} <= set(table)
+        best = table["best_baseline"]
+        assert {f"{label}-ppo - {label}", f"{label}-ppo - {best}", f"{label}-ppo - {label}-random-init-ppo",
+                f"{label} - {best}", f"{label} - {label}-random-init"} <= set(table["comparisons"])
+        assert (out / key.replace("/", "-") / "results.json").is_file()
+    assert "qoe_unseen" in summary["video1"][f"{label}-ppo"] and "qoe_unseen" not in summary["variable/video1"]["mpc"]
+    assert summary["variable/video1"]["mpc"]["mean"] != summary["video1"]["mpc"]["mean"]
+
+    cached = sorted(p.name for p in (out / "eval-cache").iterdir())
+    assert len(cached) == 2 * (4 + 2)  # 2 test sets x (4 adapters + 2 baselines)
+    again = TASK.bench(ABRBenchOptions.build(**common), out, device="cpu")
+    assert not any(k.startswith(("finetune ", "adapt ")) for k in again["wall_s"])  # reused
+    assert sorted(p.name for p in (out / "eval-cache").iterdir()) == cached
+    for key in ("video1", "variable/video1"):
+        assert again[key][f"{label}-ppo"]["mean"] == summary[key][f"{label}-ppo"]["mean"]
+        assert again[key]["comparisons"] == summary[key]["comparisons"]
+    with pytest.raises(NetLLMError, match="holds another run"):
+        TASK.bench(ABRBenchOptions.build(**{**common, "finetune_envs": 3}), out, device="cpu")

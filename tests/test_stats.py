@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -67,3 +68,43 @@ def test_one_training_seed_pairs_over_the_evaluation_seeds():
     comps = comparisons({"netllm": single, "bba": _m({1: 0.9, 2: 1.0, 3: 1.05})}, "netllm", ["bba"],
                         trained=["netllm"])
     assert comps["netllm - bba"]["n"] == 3 and comps["netllm - bba"]["paired_over"] == "evaluation seeds"
+
+
+def test_cached_metrics_reuses_a_result_only_under_the_same_key(tmp_path):
+    from netllm.results import cached_metrics
+
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return Metrics("qoe", True, {1: value, 2: value + 1}, parts={"rebuffer_s": 0.5},
+                       rows=[{"seed": 1, "trace": "a", "qoe": value}])
+
+    first = cached_metrics(tmp_path / "cache", "policy x on set y", lambda: compute(1.0))
+    again = cached_metrics(tmp_path / "cache", "policy x on set y", lambda: compute(9.0))
+    assert calls == [1.0]  # the second call was answered from the cache
+    assert again.per_seed == first.per_seed == {1: 1.0, 2: 2.0}
+    assert again.parts == first.parts and again.rows == first.rows and again.higher_is_better
+    other = cached_metrics(tmp_path / "cache", "policy x on set z", lambda: compute(3.0))
+    assert calls == [1.0, 3.0] and other.per_seed[1] == 3.0
+    for f in (tmp_path / "cache").iterdir():  # a damaged entry is evaluated again, not trusted
+        f.write_text("{not json")
+    assert cached_metrics(tmp_path / "cache", "policy x on set y", lambda: compute(5.0)).per_seed[1] == 5.0
+    assert cached_metrics(None, "policy x on set y", lambda: compute(7.0)).per_seed[1] == 7.0  # no cache
+
+
+def test_adapter_digest_follows_the_weights(tmp_path):
+    from netllm.model import ADAPTER_CONFIG, adapter_digest
+
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / ADAPTER_CONFIG).write_text(json.dumps({"task": "abr", "llm": {}, "encoders": [], "heads": [], "lora": {}}))
+    (a / "netllm_modules.safetensors").write_bytes(b"weights-1")
+    (a / "metrics.csv").write_text("iteration\n1\n")
+    d1 = adapter_digest(a)
+    (a / "metrics.csv").write_text("iteration\n1\n2\n")  # not part of the policy
+    assert adapter_digest(a) == d1
+    (a / "netllm_modules.safetensors").write_bytes(b"weights-2")
+    assert adapter_digest(a) != d1
+    with pytest.raises(NetLLMError, match="not a NetLLM adapter folder"):
+        adapter_digest(tmp_path)

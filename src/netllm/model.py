@@ -402,6 +402,24 @@ def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return config
 
 
+def adapter_digest(folder: str | os.PathLike[str]) -> str:
+    """A sha256 over the files an adapter is loaded from (its config and every
+    ``.safetensors`` beside it): equal digests, equal policies. Benchmarks key cached
+    evaluations by it."""
+    import hashlib
+
+    folder = Path(folder)
+    read_adapter_config(folder)  # not an adapter: the one-line error
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and (p.name == ADAPTER_CONFIG
+                                                                       or p.suffix == ".safetensors")):
+        h.update(path.name.encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
 def last_token_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Hidden state of the last real token of each row (right or left padding)."""
     if attention_mask is None:

@@ -7,14 +7,14 @@ import csv
 import io
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
 from netllm.tasks.base import Metrics
-from netllm.utils import atomic_path, atomic_write_json, atomic_write_text
+from netllm.utils import NetLLMError, atomic_path, atomic_write_json, atomic_write_text
 
 import sys
 
@@ -111,6 +111,38 @@ def save_figure(fig: Any, path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- training seeds
+
+
+def cached_metrics(cache: Path | None, key: str, compute: Callable[[], Metrics]) -> Metrics:
+    """``compute()``, or its result stored under ``cache/<sha256 of key>.json`` by an
+    earlier run. A benchmark keys an evaluation by what decides its result (the policy's
+    files, e.g. :func:`netllm.model.adapter_digest`, or a baseline's name, and the test
+    set, video, seeds and setting), so running it again evaluates only what is new.
+    ``cache=None``: no cache."""
+    import hashlib
+    import json
+
+    if cache is None:
+        return compute()
+    path = Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text())
+            if d.get("key") == key:
+                return Metrics(d["metric"], bool(d["higher_is_better"]), {int(k): float(v) for k, v in
+                                                                       d["per_seed"].items()},
+                               parts=dict(d["parts"]), rows=list(d["rows"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: evaluate again and overwrite it
+    m = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        atomic_write_json(path, {"key": key, "metric": m.metric, "higher_is_better": m.higher_is_better,
+                                 "per_seed": {str(k): v for k, v in m.per_seed.items()}, "parts": m.parts,
+                                 "rows": m.rows})
+    except NetLLMError:
+        pass  # a non-finite value has no JSON spelling: this result is not cached, it is still returned
+    return m
 
 
 def combine_train_seeds(per_train: dict[int, Metrics]) -> Metrics:

@@ -426,6 +426,13 @@ class ABRBenchOptions(ABRRecipe):
     controls: str = opt("random,scratch", "Controls trained beside NetLLM: random (random LLM weights), "
                                           "scratch (a small Decision Transformer from scratch), none.")
     baselines: str = opt("bba,mpc,genet,oracle", "Baselines evaluated beside the adapters.")
+    finetune_iterations: int = opt(0, "Online stage: 'netllm finetune abr' with this many PPO iterations from "
+                                      "every trained adapter (NetLLM and each control, every training seed), "
+                                      "then the fine-tuned adapters are tested beside the offline ones, also on "
+                                      "held-out generated traces ('variable'); 0: no online stage.", min=0)
+    finetune_envs: int = opt(32, "Online stage: fcc-pool traces played per PPO iteration (finetune --envs).", min=1)
+    finetune_generated: int = opt(16, "Online stage: generated traces per PPO iteration (finetune --generated).",
+                                  min=0)
 
     def check(self) -> None:
         from netllm.tasks.abr.baselines import BASELINES
@@ -612,6 +619,29 @@ class ABRTask(Task):
         return run_finetune(model, ref, hooks, options, out, extra=extra, resume=resume,
                             seeds_of=lambda it: [100_000 + options.seed * 1_000_000 + it])
 
+    def _finetune_stage(self, runs: dict[str, dict[int, Path]], options: ABRBenchOptions, out: Path,
+                        wall_s: dict[str, float], device: str) -> dict[str, dict[int, Path]]:
+        """``netllm finetune abr`` from every trained adapter into ``<its folder>-ppo``, with
+        the adapter's training seed; a finished run of the same options is reused, a run of
+        other options is a one-line error (as ``finetune --resume``)."""
+        from netllm.finetune import check_run_folder
+
+        tuned: dict[str, dict[int, Path]] = {}
+        for name, folders in runs.items():
+            for s, folder in folders.items():
+                ft = out / f"{folder.name}-ppo"
+                tuned.setdefault(f"{name}-ppo", {})[s] = ft
+                ft_options = ABRFinetuneOptions.build(adapter=str(folder), iterations=options.finetune_iterations,
+                                                      envs=options.finetune_envs,
+                                                      generated=options.finetune_generated, seed=s)
+                check_run_folder(ft, ft_options, resume=True)
+                if _finetune_done(ft, options.finetune_iterations):
+                    continue
+                t0 = time.perf_counter()
+                self.finetune(ft_options, ft, device=device, resume=True)
+                wall_s[f"finetune {ft.name}"] = time.perf_counter() - t0
+        return tuned
+
     def bench(self, options: ABRBenchOptions, out: Path, device: str = "auto") -> dict[str, Any]:
         """The whole pipeline: pool -> adaptation (+ controls) -> evaluation on fcc-test.
 
@@ -621,8 +651,11 @@ class ABRTask(Task):
         both videos, SmolLM2 cut to 4 layers, 2,000 steps).
         Finished stages are reused when the benchmark is run again with the same --out.
         """
-        from netllm.results import write_results
-        from netllm.tasks.abr.traces import load_traces, load_video
+        import json
+
+        from netllm.model import adapter_digest
+        from netllm.results import cached_metrics, write_results
+        from netllm.tasks.abr.traces import VARIABLE_TRACES, load_traces, load_video, variable_traces
         from netllm.utils import atomic_write_json, parse_seeds
 
         eval_seeds = parse_seeds(options.seeds)
@@ -651,43 +684,71 @@ class ABRTask(Task):
         runs = train_variants(variants, train_seeds, out, len(pool), summary["wall_s"],
                               train=lambda r, folder: adapt(pool, folder, r, device=device, resume=True,
                                                             eval_traces=valid, eval_video=valid_video))
-        test = load_traces("fcc-test")
-        test_env = env_setting("fcc-test")
-        for video_name in options.videos.split(","):
-            video = load_video(video_name)
-            results: dict[str, Metrics] = {}
-            for b in options.baselines.split(","):
-                if b == "genet" and not _genet_available():
-                    continue
-                results[b] = evaluate(policy_by_name(b), test, video, eval_seeds, **test_env)
-            per_train: dict[str, dict[int, Metrics]] = {}
-            for name, folders in runs.items():
-                for s, folder in folders.items():
-                    t0 = time.perf_counter()
-                    per_train.setdefault(name, {})[s] = evaluate(NetLLMABRPolicy.from_adapter(folder, device=device),
-                                                                 test, video, eval_seeds, **test_env)
-                    summary["wall_s"][f"eval {folder.name} {video_name}"] = time.perf_counter() - t0
-            n = add_unseen(results, test, load_traces("fcc-train"))
-            for name, by_seed in per_train.items():
-                add_unseen(by_seed, test, load_traces("fcc-train"))
-                results[name] = combine_train_seeds(by_seed)
-            write_results(out / video_name, results, title=f"ABR on fcc-test / {video_name} (seeds {options.seeds}, "
-                                                           f"training seeds {options.train_seeds}); "
-                                                           f"qoe_unseen: the {n} traces not in fcc-train",
-                          parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps", "qoe_unseen"),
-                          reference="oracle" if "oracle" in results else None, cdf_key="qoe")
-            baselines = [b for b in results if b not in runs and b != "oracle"]
-            best = max(baselines, key=lambda b: results[b].mean) if baselines else None
-            comps = comparisons(results, label, [x for x in (best, *runs) if x], trained=list(runs))
-            print_comparisons(f"fcc-test / {video_name}: {label} minus ... (QoE, positive = NetLLM better); "
-                              f"best baseline: {best}", comps)
-            summary[video_name] = {n: m.summary() for n, m in results.items()}
-            summary[video_name]["best_baseline"] = best
-            summary[video_name]["comparisons"] = comps
+        tuned: dict[str, dict[int, Path]] = {}
+        if options.finetune_iterations:
+            tuned = self._finetune_stage(runs, options, out, summary["wall_s"], device)
+        trained = {**runs, **tuned}
+        # what the test sets are; an evaluation is cached under out/eval-cache, keyed by it
+        test_sets: list[tuple[str, Sequence[Any], dict[str, Any]]] = [
+            ("fcc-test", load_traces("fcc-test"), env_setting("fcc-test"))]
+        if tuned:
+            test_sets.append(("variable", variable_traces(), {}))
+        cache = out / "eval-cache"
+        for set_name, test, test_env in test_sets:
+            for video_name in options.videos.split(","):
+                video = load_video(video_name)
+                where = f"{set_name} {json.dumps(VARIABLE_TRACES) if set_name == 'variable' else ''} / {video_name} " \
+                        f"/ seeds {eval_seeds} / {sorted(test_env.items())}"
+                results: dict[str, Metrics] = {}
+                for b in options.baselines.split(","):
+                    if b == "genet" and not _genet_available():
+                        continue
+                    results[b] = cached_metrics(cache, f"baseline {b} on {where}", lambda b=b, t=test, v=video, e=test_env: evaluate(
+                        policy_by_name(b), t, v, eval_seeds, **e))
+                per_train: dict[str, dict[int, Metrics]] = {}
+                for name, folders in trained.items():
+                    for s, folder in folders.items():
+                        t0 = time.perf_counter()
+                        per_train.setdefault(name, {})[s] = cached_metrics(
+                            cache, f"adapter {adapter_digest(folder)} on {where}", lambda f=folder, t=test, v=video, e=test_env: evaluate(
+                                NetLLMABRPolicy.from_adapter(f, device=device), t, v, eval_seeds, **e))
+                        summary["wall_s"][f"eval {folder.name} {set_name} {video_name}"] = time.perf_counter() - t0
+                n = 0
+                if set_name == "fcc-test":
+                    n = add_unseen(results, test, load_traces("fcc-train"))
+                    for by_seed in per_train.values():
+                        add_unseen(by_seed, test, load_traces("fcc-train"))
+                for name, by_seed in per_train.items():
+                    results[name] = combine_train_seeds(by_seed)
+                key = video_name if set_name == "fcc-test" else f"{set_name}/{video_name}"
+                title = (f"ABR on fcc-test / {video_name} (seeds {options.seeds}, training seeds {options.train_seeds}); "
+                         f"qoe_unseen: the {n} traces not in fcc-train" if set_name == "fcc-test" else
+                         f"ABR on held-out generated traces ('variable', {len(test)}) / {video_name} (seeds "
+                         f"{options.seeds}, training seeds {options.train_seeds})")
+                write_results(out / key.replace("/", "-"), results, title=title,
+                              parts=("bitrate_mbps", "rebuffer_s", "smoothness_mbps") + (("qoe_unseen",) if n else ()),
+                              reference="oracle" if "oracle" in results else None, cdf_key="qoe")
+                baselines = [b for b in results if b not in trained and b != "oracle"]
+                best = max(baselines, key=lambda b: results[b].mean) if baselines else None
+                comps = comparisons(results, label, [x for x in (best, *runs) if x], trained=list(trained))
+                if tuned:  # the fine-tuned NetLLM against where it started, the best baseline, the tuned controls
+                    comps.update(comparisons(results, f"{label}-ppo", [x for x in (label, best, *tuned) if x],
+                                             trained=list(trained)))
+                print_comparisons(f"{set_name} / {video_name}: {label} minus ... (QoE, positive = NetLLM better); "
+                                  f"best baseline: {best}", comps)
+                summary[key] = {n: m.summary() for n, m in results.items()}
+                summary[key]["best_baseline"] = best
+                summary[key]["comparisons"] = comps
         summary["speed"] = speed_report(runs[label][train_seeds[0]], device=device)
         atomic_write_json(out / "bench.json", summary)
         console.print(f"written: {out / 'bench.json'}")
         return summary
+
+
+def _finetune_done(folder: Path, iterations: int) -> bool:
+    from netllm.checkpoint import completed_steps
+
+    return (folder / ADAPTER_CONFIG).is_file() and completed_steps(folder / "train") >= iterations
 
 
 def _genet_available() -> bool:

@@ -321,6 +321,20 @@ def synthetic_traces(
     return traces
 
 
+# Held-out network conditions for testing (``variable``): more variable than any trace
+# ``netllm finetune abr --generated`` draws (switching 0.02-0.2 per second, noise
+# 0.02-0.15) and never used for a choice. Tested with delay noise and random starts.
+VARIABLE_TRACES = {"n": 100, "seed": 20261202, "low_mbps": 0.3, "high_mbps": 8.0, "switch_prob": (0.3, 0.6),
+                   "noise_cov": (0.2, 0.35)}
+
+
+def variable_traces() -> list[Trace]:
+    """The ``variable`` test set: 100 Markov-chain traces, 0.3-8 Mbps, switching 0.3-0.6
+    per second, noise 0.2-0.35 (``VARIABLE_TRACES``)."""
+    spec = dict(VARIABLE_TRACES)
+    return synthetic_traces(int(spec.pop("n")), **spec)  # type: ignore[arg-type]
+
+
 @dataclass
 class Video:
     """Chunk sizes of one video: ``sizes_bytes[level, chunk]``, shape (6, chunks + 1)."""
