@@ -32,9 +32,9 @@ n = number of seeds; this one holds the test traces fixed).
 (over training seeds); this script is for runs made with the commands themselves, and
 adds the per-trace intervals within each training seed.
 
-Evaluation is deterministic, so each adapter's per-trace QoE is cached (``--cache``,
-keyed by the adapter's files and the test sets): adding a training seed later, or
-running one variant per job as its training finishes, evaluates nothing twice.
+Evaluations are cached (``--cache``, keyed by the adapter's files and the test set, as
+``netllm bench abr`` caches them: its ``<out>/eval-cache`` serves this script too), so
+adding a training seed later evaluates only what is new.
 ``--partial`` reports the (variant, seed) runs whose adapters exist and names the rest.
 
 Selection of every fine-tuned adapter was on ``fcc-holdout`` (its own validation), never here.
@@ -43,8 +43,7 @@ Selection of every fine-tuned adapter was on ``fcc-holdout`` (its own validation
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,24 +51,19 @@ from rich.console import Console
 from rich.table import Table
 
 from netllm.stats import describe, paired_difference, spread
-from netllm.tasks.abr.baselines import BASELINES, make_baseline
-from netllm.tasks.abr.task import NetLLMABRPolicy, env_setting, evaluate
-from netllm.tasks.abr.traces import VARIABLE_TRACES, copies_of, load_traces, load_video, variable_traces
+from netllm.tasks.abr.baselines import BASELINES
+from netllm.tasks.abr.task import cached_evaluation, env_setting
+from netllm.tasks.abr.traces import VARIABLE_TRACES, copies_of, load_traces, variable_traces
 from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 
-console = Console()
+console = Console() if sys.stdout.isatty() else Console(width=160)  # tables must not wrap in logs
 HELD_OUT = VARIABLE_TRACES
 VIDEOS = ("video1", "video2")
 STAGES = ("offline", "finetuned")
-ADAPTER_FILES = ("adapter_config.json", "config.json")
 
 
 def test_sets() -> dict[str, tuple[Any, dict[str, Any]]]:
     return {"fcc-test": (load_traces("fcc-test"), env_setting("fcc-test")), "variable": (variable_traces(), {})}
-
-
-SPEC = json.dumps({"held_out": HELD_OUT, "sets": ["fcc-test upstream setting", "variable, eval seed 1"],
-                   "videos": VIDEOS}, sort_keys=True)
 
 
 def parse_variant(text: str) -> tuple[str, str, str]:
@@ -81,38 +75,16 @@ def parse_variant(text: str) -> tuple[str, str, str]:
     return name, parts[0], parts[1]
 
 
-def adapter_key(folder: Path) -> str:
-    """A hash of the files an adapter is loaded from, and of the test sets."""
-    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors"
-                                                                   or p.name in ADAPTER_FILES))
-    if not any(p.name == "adapter_config.json" for p in files):
-        raise NetLLMError(f"--variant: {folder} is not an ABR adapter folder (no adapter_config.json)")
-    h = hashlib.sha256(SPEC.encode())
-    for p in files:
-        h.update(p.name.encode())
-        h.update(p.read_bytes())
-    return h.hexdigest()[:24]
-
-
-def per_trace_qoe(policy: Any, sets: dict[str, tuple[Any, dict[str, Any]]]) -> dict[str, dict[str, float]]:
-    """``{"fcc-test/video1": {trace: QoE}, …}`` on every test set and video."""
+def per_trace_qoe(cache: Path, policy: str | Path, sets: dict[str, tuple[Any, dict[str, Any]]],
+                  label: str) -> dict[str, dict[str, float]]:
+    """``{"fcc-test/video1": {trace: QoE}, …}`` on every test set and video (evaluation seed 1)."""
+    console.print(f"{label} …")
     out: dict[str, dict[str, float]] = {}
     for set_name, (traces, setting) in sets.items():
-        for video_name in VIDEOS:
-            m = evaluate(policy, traces, load_video(video_name), [1], **setting)
-            out[f"{set_name}/{video_name}"] = {f"{r['trace']}": float(r["qoe"]) for r in m.rows}
+        for video in VIDEOS:
+            m = cached_evaluation(cache, policy, set_name, traces, setting, video, [1], device="cpu")
+            out[f"{set_name}/{video}"] = {f"{r['trace']}": float(r["qoe"]) for r in m.rows}
     return out
-
-
-def cached(cache: Path, key: str, label: str, compute: Any) -> dict[str, dict[str, float]]:
-    path = cache / f"{key}.json"
-    if path.is_file():
-        console.print(f"{label}: cached ({path})")
-        return json.loads(path.read_text())["qoe"]
-    console.print(f"{label}: evaluating")
-    qoe = compute()
-    atomic_write_json(path, {"policy": label, "spec": json.loads(SPEC), "qoe": qoe})
-    return qoe
 
 
 def mean(values: dict[str, float]) -> float:
@@ -126,7 +98,8 @@ def main() -> None:
     ap.add_argument("--baselines", default="genet,mpc,bba")
     ap.add_argument("--partial", action="store_true", help="Skip (variant, seed) runs that are not there yet.")
     ap.add_argument("--out", type=Path, default=Path("runs/abr-online.json"))
-    ap.add_argument("--cache", type=Path, default=None, help="Per-adapter results (default: <out>-cache).")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="Cached evaluations (default: <out>-cache; a bench's <out>/eval-cache shares its results).")
     args = ap.parse_args()
     try:
         run(args)
@@ -144,7 +117,7 @@ def run(args: argparse.Namespace) -> None:
     for b in baselines:
         if b not in BASELINES:
             raise NetLLMError(f"--baselines: unknown baseline {b!r} (choose from {', '.join(BASELINES)})")
-    cache = args.cache or args.out.with_name(args.out.stem + "-cache")
+    cache = args.cache or args.out.with_name(args.out.stem + "-cache")  # a bench's <out>/eval-cache fits
 
     runs: dict[str, dict[int, dict[str, Path]]] = {}
     missing: list[str] = []
@@ -168,15 +141,9 @@ def run(args: argparse.Namespace) -> None:
     for name, per_seed in runs.items():
         qoe[name] = {}
         for s, paths in per_seed.items():
-            qoe[name][s] = {}
-            for stage, path in paths.items():
-                qoe[name][s][stage] = cached(cache, adapter_key(path), f"{name} seed {s} {stage} ({path})",
-                                             lambda p=path: per_trace_qoe(NetLLMABRPolicy.from_adapter(p, device="cpu"),
-                                                                          sets))
-    base: dict[str, dict[str, dict[str, float]]] = {}
-    for b in baselines:
-        key = hashlib.sha256((SPEC + "baseline " + b).encode()).hexdigest()[:24]
-        base[b] = cached(cache, key, b, lambda b=b: per_trace_qoe(make_baseline(b), sets))
+            qoe[name][s] = {stage: per_trace_qoe(cache, path, sets, f"{name} seed {s} {stage} ({path})")
+                            for stage, path in paths.items()}
+    base = {b: per_trace_qoe(cache, b, sets, b) for b in baselines}
 
     # fcc-test's traces that are no copy of an fcc-train trace
     fcc = sets["fcc-test"][0]

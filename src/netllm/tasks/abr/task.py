@@ -651,11 +651,8 @@ class ABRTask(Task):
         both videos, SmolLM2 cut to 4 layers, 2,000 steps).
         Finished stages are reused when the benchmark is run again with the same --out.
         """
-        import json
-
-        from netllm.model import adapter_digest
-        from netllm.results import cached_metrics, write_results
-        from netllm.tasks.abr.traces import VARIABLE_TRACES, load_traces, load_video, variable_traces
+        from netllm.results import write_results
+        from netllm.tasks.abr.traces import load_traces, load_video, variable_traces
         from netllm.utils import atomic_write_json, parse_seeds
 
         eval_seeds = parse_seeds(options.seeds)
@@ -696,22 +693,17 @@ class ABRTask(Task):
         cache = out / "eval-cache"
         for set_name, test, test_env in test_sets:
             for video_name in options.videos.split(","):
-                video = load_video(video_name)
-                where = f"{set_name} {json.dumps(VARIABLE_TRACES) if set_name == 'variable' else ''} / {video_name} " \
-                        f"/ seeds {eval_seeds} / {sorted(test_env.items())}"
                 results: dict[str, Metrics] = {}
                 for b in options.baselines.split(","):
                     if b == "genet" and not _genet_available():
                         continue
-                    results[b] = cached_metrics(cache, f"baseline {b} on {where}", lambda b=b, t=test, v=video, e=test_env: evaluate(
-                        policy_by_name(b), t, v, eval_seeds, **e))
+                    results[b] = cached_evaluation(cache, b, set_name, test, test_env, video_name, eval_seeds)
                 per_train: dict[str, dict[int, Metrics]] = {}
                 for name, folders in trained.items():
                     for s, folder in folders.items():
                         t0 = time.perf_counter()
-                        per_train.setdefault(name, {})[s] = cached_metrics(
-                            cache, f"adapter {adapter_digest(folder)} on {where}", lambda f=folder, t=test, v=video, e=test_env: evaluate(
-                                NetLLMABRPolicy.from_adapter(f, device=device), t, v, eval_seeds, **e))
+                        per_train.setdefault(name, {})[s] = cached_evaluation(cache, folder, set_name, test, test_env,
+                                                                              video_name, eval_seeds, device=device)
                         summary["wall_s"][f"eval {folder.name} {set_name} {video_name}"] = time.perf_counter() - t0
                 n = 0
                 if set_name == "fcc-test":
@@ -743,6 +735,27 @@ class ABRTask(Task):
         atomic_write_json(out / "bench.json", summary)
         console.print(f"written: {out / 'bench.json'}")
         return summary
+
+
+def cached_evaluation(cache: Path | None, policy: str | Path, set_name: str, traces: Sequence[Any],
+                      env_options: dict[str, Any], video: str, seeds: Sequence[int], device: str = "auto") -> Metrics:
+    """:func:`evaluate` of a baseline (its name) or an adapter (its folder) on a named test
+    set, cached under ``cache`` (:func:`netllm.results.cached_metrics`) by what decides the
+    result: the adapter's files or the baseline's name, the set, video, seeds and setting."""
+    import json
+
+    from netllm.model import adapter_digest
+    from netllm.results import cached_metrics
+    from netllm.tasks.abr.traces import VARIABLE_TRACES, load_video
+
+    where = (f"{set_name} {json.dumps(VARIABLE_TRACES) if set_name == 'variable' else ''} / {video} "
+             f"/ seeds {list(seeds)} / {sorted(env_options.items())}")
+    if isinstance(policy, Path):
+        key, make = f"adapter {adapter_digest(policy)} on {where}", lambda: NetLLMABRPolicy.from_adapter(policy,
+                                                                                                       device=device)
+    else:
+        key, make = f"baseline {policy} on {where}", lambda: policy_by_name(policy)
+    return cached_metrics(cache, key, lambda: evaluate(make(), traces, load_video(video), seeds, **env_options))
 
 
 def _finetune_done(folder: Path, iterations: int) -> bool:
