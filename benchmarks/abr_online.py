@@ -57,7 +57,6 @@ from netllm.tasks.abr.traces import VARIABLE_TRACES, copies_of, load_traces, var
 from netllm.utils import NetLLMError, atomic_write_json, parse_seeds
 
 console = Console() if sys.stdout.isatty() else Console(width=160)  # tables must not wrap in logs
-HELD_OUT = VARIABLE_TRACES
 VIDEOS = ("video1", "video2")
 STAGES = ("offline", "finetuned")
 
@@ -160,7 +159,7 @@ def run(args: argparse.Namespace) -> None:
 
     report: dict[str, Any] = {"variants": {n: {"offline": off, "finetuned": fin} for n, off, fin in variants},
                               "train_seeds": seeds, "missing": missing, "unseen_traces": len(unseen),
-                              "held_out": {k: list(v) if isinstance(v, tuple) else v for k, v in HELD_OUT.items()},
+                              "held_out": {k: list(v) if isinstance(v, tuple) else v for k, v in VARIABLE_TRACES.items()},
                               "results": {}}
     first = names[0]
     for key in keys:

@@ -691,6 +691,7 @@ class ABRTask(Task):
         if tuned:
             test_sets.append(("variable", variable_traces(), {}))
         cache = out / "eval-cache"
+        fcc_train = load_traces("fcc-train")  # fcc-test's traces that are no copy of these: qoe_unseen
         for set_name, test, test_env in test_sets:
             for video_name in options.videos.split(","):
                 results: dict[str, Metrics] = {}
@@ -707,9 +708,9 @@ class ABRTask(Task):
                         summary["wall_s"][f"eval {folder.name} {set_name} {video_name}"] = time.perf_counter() - t0
                 n = 0
                 if set_name == "fcc-test":
-                    n = add_unseen(results, test, load_traces("fcc-train"))
+                    n = add_unseen(results, test, fcc_train)
                     for by_seed in per_train.values():
-                        add_unseen(by_seed, test, load_traces("fcc-train"))
+                        add_unseen(by_seed, test, fcc_train)
                 for name, by_seed in per_train.items():
                     results[name] = combine_train_seeds(by_seed)
                 key = video_name if set_name == "fcc-test" else f"{set_name}/{video_name}"
