@@ -29,8 +29,9 @@ and over training seeds on the per-seed means (95 % t interval over training see
 n = number of seeds; this one holds the test traces fixed).
 
 ``netllm bench abr --finetune-iterations N`` trains and tests all of this in one command
-(over training seeds); this script is for runs made with the commands themselves, and
-adds the per-trace intervals within each training seed.
+(paired over training seeds; with one training seed, over traces); this script is for
+runs made with the commands themselves, and adds the per-trace intervals within each
+training seed when there are several.
 
 Evaluations are cached (``--cache``, keyed by the adapter's files and the test set, as
 ``netllm bench abr`` caches them: its ``<out>/eval-cache`` serves this script too), so

@@ -299,6 +299,7 @@ def test_bench_online_stage_fine_tunes_every_adapter_and_reuses_what_is_done(tin
     fine-tuned control. Run again, nothing is trained or evaluated twice; other online
     options on the same folder are a one-line error."""
     from netllm.tasks.abr.task import TASK, ABRBenchOptions
+    from netllm.tasks.abr.traces import load_traces
 
     monkeypatch.setenv("NETLLM_DATA", str(real_data))
     common = dict(llm=tiny_llama, layers=2, rank=4, context=4, batch_size=4, steps=2, warmup_steps=0,
@@ -320,6 +321,11 @@ def test_bench_online_stage_fine_tunes_every_adapter_and_reuses_what_is_done(tin
         best = table["best_baseline"]
         assert {f"{label}-ppo - {label}", f"{label}-ppo - {best}", f"{label}-ppo - {label}-random-init-ppo",
                 f"{label} - {best}", f"{label} - {label}-random-init"} <= set(table["comparisons"])
+        # one training seed and one (deterministic) evaluation seed: the pairs are the traces
+        traces = 100 if key.startswith("variable") else len(load_traces("fcc-test"))
+        for c in table["comparisons"].values():
+            assert c["paired_over"] == "traces, one training and evaluation seed" and c["n"] == traces
+            assert c["ci"] is not None and c["mean"] == pytest.approx(sum(c["per_key"].values()) / traces)
         assert (out / key.replace("/", "-") / "results.json").is_file()
     assert "qoe_unseen" in summary["video1"][f"{label}-ppo"] and "qoe_unseen" not in summary["variable/video1"]["mpc"]
     assert summary["variable/video1"]["mpc"]["mean"] != summary["video1"]["mpc"]["mean"]

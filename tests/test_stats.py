@@ -70,6 +70,31 @@ def test_one_training_seed_pairs_over_the_evaluation_seeds():
     assert comps["netllm - bba"]["n"] == 3 and comps["netllm - bba"]["paired_over"] == "evaluation seeds"
 
 
+def test_one_training_and_one_evaluation_seed_pair_trace_by_trace():
+    def run(qoes, seed=1):
+        rows = [{"seed": seed, "trace": f"t{i}", "qoe": q} for i, q in enumerate(qoes)]
+        return Metrics("qoe", True, {seed: sum(qoes) / len(qoes)}, rows=rows)
+
+    netllm = combine_train_seeds({0: run([1.0, 1.2, 0.9, 1.1])})
+    bba = run([0.8, 1.1, 0.7, 1.0])
+    comps = comparisons({"netllm": netllm, "bba": bba}, "netllm", ["bba"], trained=["netllm"], units="trace")
+    c = comps["netllm - bba"]
+    assert c["n"] == 4 and c["paired_over"] == "traces, one training and evaluation seed"
+    assert c["per_key"] == {"1/t0": pytest.approx(0.2), "1/t1": pytest.approx(0.1), "1/t2": pytest.approx(0.2),
+                            "1/t3": pytest.approx(0.1)}
+    assert c["ci"][0] > 0 and c["a_better"] is True
+    # without units, or where the traces differ, it stays one pair with no interval
+    plain = comparisons({"netllm": netllm, "bba": bba}, "netllm", ["bba"], trained=["netllm"])["netllm - bba"]
+    assert plain["n"] == 1 and plain["ci"] is None and plain["paired_over"] == "evaluation seeds"
+    other = run([0.8, 1.1, 0.7])
+    assert comparisons({"netllm": netllm, "bba": other}, "netllm", ["bba"], trained=["netllm"],
+                       units="trace")["netllm - bba"]["n"] == 1
+    # a repeated trace name cannot pair item by item
+    twice = Metrics("qoe", True, {1: 1.0}, rows=[{"seed": 1, "trace": "t0", "qoe": 1.0}] * 2)
+    assert comparisons({"netllm": twice, "bba": twice}, "netllm", ["bba"], trained=["netllm"],
+                       units="trace")["netllm - bba"]["n"] == 1
+
+
 def test_cached_metrics_reuses_a_result_only_under_the_same_key(tmp_path):
     from netllm.results import cached_metrics
 

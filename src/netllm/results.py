@@ -168,13 +168,20 @@ def combine_train_seeds(per_train: dict[int, Metrics]) -> Metrics:
 
 
 def comparisons(results: dict[str, Metrics], headline: str, others: Sequence[str],
-                trained: Sequence[str]) -> dict[str, dict[str, Any]]:
+                trained: Sequence[str], units: str | None = None) -> dict[str, dict[str, Any]]:
     """Paired differences ``headline - other`` (see :func:`netllm.stats.paired_difference`).
 
     ``trained``: the variants trained per training seed like ``headline``; they pair seed by
     seed. Any other policy does not depend on the training seed: with several training
     seeds its mean over the evaluation seeds stands for every one of them; with one
     training seed everything pairs over the evaluation seeds.
+
+    ``units``: the row column that names a test item (e.g. ABR's ``"trace"``). Where the
+    pairing above leaves a single pair — one training seed and one evaluation seed, as in
+    ABR's deterministic upstream setting — the rows are paired item by item instead (the
+    same evaluation seed and item on both sides, the metric's own column), and
+    ``paired_over`` says so. That interval is over test items within one training run: it
+    says nothing about how another training seed would do.
     """
     from netllm.stats import paired_difference
 
@@ -192,8 +199,22 @@ def comparisons(results: dict[str, Metrics], headline: str, others: Sequence[str
             values = other.per_seed
         if set(values) != set(head.per_seed):
             continue  # e.g. a policy evaluated on other seeds: not comparable pair by pair
+        if units and over == "evaluation seeds" and len(values) == 1:
+            a, b = _per_unit(head, units), _per_unit(other, units)
+            if len(a) > 1 and set(a) == set(b):
+                out[f"{headline} - {name}"] = {**paired_difference(a, b, better),
+                                               "paired_over": f"{units}s, one training and evaluation seed"}
+                continue
         out[f"{headline} - {name}"] = {**paired_difference(head.per_seed, values, better), "paired_over": over}
     return out
+
+
+def _per_unit(m: Metrics, units: str) -> dict[str, float]:
+    """``{"<evaluation seed>/<item>": value}`` from the rows; empty when an item repeats or a
+    row lacks the column or the metric (then nothing pairs item by item)."""
+    rows = [r for r in m.rows if units in r and m.metric in r]
+    out = {f"{r.get('seed', '')}/{r[units]}": float(r[m.metric]) for r in rows}
+    return out if len(out) == len(rows) == len(m.rows) else {}
 
 
 def print_comparisons(title: str, comps: dict[str, dict[str, Any]]) -> None:

@@ -723,10 +723,11 @@ class ABRTask(Task):
                               reference="oracle" if "oracle" in results else None, cdf_key="qoe")
                 baselines = [b for b in results if b not in trained and b != "oracle"]
                 best = max(baselines, key=lambda b: results[b].mean) if baselines else None
-                comps = comparisons(results, label, [x for x in (best, *runs) if x], trained=list(trained))
+                comps = comparisons(results, label, [x for x in (best, *runs) if x], trained=list(trained),
+                                    units="trace")
                 if tuned:  # the fine-tuned NetLLM against where it started, the best baseline, the tuned controls
                     comps.update(comparisons(results, f"{label}-ppo", [x for x in (label, best, *tuned) if x],
-                                             trained=list(trained)))
+                                             trained=list(trained), units="trace"))
                 print_comparisons(f"{set_name} / {video_name}: {label} minus ... (QoE, positive = NetLLM better); "
                                   f"best baseline: {best}", comps)
                 summary[key] = {n: m.summary() for n, m in results.items()}
