@@ -136,6 +136,10 @@ def test_interrupted_and_resumed_run_ends_with_the_same_weights(offline, tmp_pat
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert (straight / "metrics.csv").read_text().count("\n") == (resumed / "metrics.csv").read_text().count("\n")
+    walls = [float(line.split(",")[header.index("wall_s")]) for header in
+             [(resumed / "metrics.csv").read_text().splitlines()[0].split(",")]
+             for line in (resumed / "metrics.csv").read_text().splitlines()[1:]]
+    assert walls == sorted(walls) and walls[-1] > walls[1]  # the clock goes on across the resume
 
 
 def test_group_rollouts_share_a_job_sequence_with_their_own_draws(offline, tmp_path):

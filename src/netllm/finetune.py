@@ -391,7 +391,8 @@ def run_finetune(model: NetLLM, ref: NetLLM, hooks: OnlineHooks, options: Finetu
     state = resume_checkpoint(out / "train", model, optimizer, names, grad_accum=1, resume=resume)
     start = int(state["step"]) if state else 0
     procs = Processes(model, _ppo_loss)  # after the weights are final: DDP starts from rank 0's
-    t0 = time.perf_counter()
+    # wall time counts the run before a resume too, as adapt's does (metrics.csv, the adapter)
+    t0 = time.perf_counter() - (float(state.get("elapsed_s", 0.0)) if state else 0.0)
     keeper = BestAdapter(out, hooks.metric, hooks.higher_is_better, resume=resume,
                          extra=lambda: {**extra, "finetune": {**asdict(options), "seconds": time.perf_counter() - t0}})
     history = _read_history(out) if resume else []
