@@ -324,7 +324,7 @@ def test_bench_online_stage_fine_tunes_every_adapter_and_reuses_what_is_done(tin
         # one training seed and one (deterministic) evaluation seed: the pairs are the traces
         traces = 100 if key.startswith("variable") else len(load_traces("fcc-test"))
         for c in table["comparisons"].values():
-            assert c["paired_over"] == "traces, one training and evaluation seed" and c["n"] == traces
+            assert c["paired_over"] == "traces, 1 training seed" and c["n"] == traces
             assert c["ci"] is not None and c["mean"] == pytest.approx(sum(c["per_key"].values()) / traces)
         assert (out / key.replace("/", "-") / "results.json").is_file()
     assert "qoe_unseen" in summary["video1"][f"{label}-ppo"] and "qoe_unseen" not in summary["variable/video1"]["mpc"]

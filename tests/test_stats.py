@@ -79,7 +79,7 @@ def test_one_training_and_one_evaluation_seed_pair_trace_by_trace():
     bba = run([0.8, 1.1, 0.7, 1.0])
     comps = comparisons({"netllm": netllm, "bba": bba}, "netllm", ["bba"], trained=["netllm"], units="trace")
     c = comps["netllm - bba"]
-    assert c["n"] == 4 and c["paired_over"] == "traces, one training and evaluation seed"
+    assert c["n"] == 4 and c["paired_over"] == "traces, 1 training seed"
     assert c["per_key"] == {"1/t0": pytest.approx(0.2), "1/t1": pytest.approx(0.1), "1/t2": pytest.approx(0.2),
                             "1/t3": pytest.approx(0.1)}
     assert c["ci"][0] > 0 and c["a_better"] is True

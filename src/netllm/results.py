@@ -203,7 +203,7 @@ def comparisons(results: dict[str, Metrics], headline: str, others: Sequence[str
             a, b = _per_unit(head, units), _per_unit(other, units)
             if len(a) > 1 and set(a) == set(b):
                 out[f"{headline} - {name}"] = {**paired_difference(a, b, better),
-                                               "paired_over": f"{units}s, one training and evaluation seed"}
+                                               "paired_over": f"{units}s, 1 training seed"}
                 continue
         out[f"{headline} - {name}"] = {**paired_difference(head.per_seed, values, better), "paired_over": over}
     return out
