@@ -227,7 +227,8 @@ def test_pensieve_protocol(server):
 def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, data_env):
     from netllm.tasks.abr.baselines import bba_levels
 
-    app = create_app({"abr": adapters["abr"]}, ServeSettings(deadline_ms=50, max_sessions=4, session_ttl_s=1.5,
+    # a deadline well above a decision's time on a loaded machine, a late model far beyond it
+    app = create_app({"abr": adapters["abr"]}, ServeSettings(deadline_ms=300, max_sessions=4, session_ttl_s=2.5,
                                                              fallbacks={"abr": "bba"}))
     with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
         ctx = app.state.ctx
@@ -238,7 +239,7 @@ def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, 
 
         def slow_forward(x):
             if slow.is_set():
-                time.sleep(0.3)
+                time.sleep(1.0)
             return real_forward(x)
 
         head.forward = slow_forward
@@ -248,12 +249,12 @@ def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, 
         slow.set()
         late = client.post(f"/v1/abr/sessions/{sid}/decide", json={**GOOD, "buffer_s": 12.0}).json()
         assert late["source"] == "fallback" and late["level"] == int(bba_levels(np.array([12.0]))[0])
-        assert late["latency_ms"] < 250
+        assert late["latency_ms"] < 800
         # a client that gives up mid-request disturbs nobody
         with pytest.raises(httpx.TimeoutException):
             client.post(f"/v1/abr/sessions/{other}/decide", json=GOOD, timeout=0.01)
         slow.clear()
-        time.sleep(0.4)
+        time.sleep(1.1)
         assert client.post(f"/v1/abr/sessions/{sid}/decide", json=GOOD).json()["source"] == "policy"
         assert client.post(f"/v1/abr/sessions/{other}/decide", json=GOOD).json()["source"] == "policy"
 
@@ -269,7 +270,7 @@ def test_deadline_model_error_and_disconnect_answer_with_the_fallback(adapters, 
         assert 'netllm_fallbacks_total{reason="deadline",task="abr"}' in text
         assert 'netllm_fallbacks_total{reason="error",task="abr"} 1.0' in text
         # idle sessions expire
-        time.sleep(2.5)
+        time.sleep(3.5)
         assert client.post(f"/v1/abr/sessions/{sid}/decide", json=GOOD).status_code == 404
 
 
