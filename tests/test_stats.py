@@ -19,6 +19,13 @@ def test_spread_uses_the_sample_std():
     assert spread({5: 4.0})["std"] == 0.0
 
 
+def test_the_bench_tables_std_is_the_same_sample_std():
+    # "mean ± std" in `netllm bench` / `eval` tables and results.json: n - 1, like spread
+    m = Metrics("qoe", True, {0: 1.0, 1: 2.0, 2: 3.0})
+    assert m.std == 1.0 and m.summary()["std"] == 1.0
+    assert Metrics("qoe", True, {1: 0.5}).std == 0.0
+
+
 def test_t_interval_matches_the_textbook_value():
     # mean 2, sd 1, n 3: half width = t(0.975, 2) * 1 / sqrt(3) = 4.3027 / 1.7321
     lo, hi = t_interval([1.0, 2.0, 3.0])
@@ -51,7 +58,7 @@ def test_combine_over_training_seeds_and_compare_with_a_baseline_that_does_not_t
     combined = combine_train_seeds(runs)
     assert combined.per_seed == {0: pytest.approx(1.1), 1: pytest.approx(0.9), 2: pytest.approx(1.1)}
     assert combined.info["paired_over"] == "training seeds"
-    assert combined.summary()["eval_std_per_train_seed"]["0"] == pytest.approx(0.1)
+    assert combined.summary()["eval_std_per_train_seed"]["0"] == pytest.approx(0.1 * math.sqrt(2))  # sample std
     control = combine_train_seeds({0: _m({1: 0.9, 2: 0.9}), 1: _m({1: 0.9, 2: 0.7}), 2: _m({1: 1.0, 2: 1.0})})
     baseline = _m({1: 0.5, 2: 0.7})  # evaluation seeds 1, 2: its mean stands for every training seed
     results = {"netllm": combined, "random-init": control, "mpc": baseline}

@@ -78,9 +78,10 @@ class Metrics:
 
     @property
     def std(self) -> float:
-        values = list(self.per_seed.values())
-        m = self.mean
-        return float((sum((v - m) ** 2 for v in values) / len(values)) ** 0.5)
+        """The sample std over seeds (n - 1), as everywhere in netllm (:func:`netllm.stats.spread`)."""
+        from netllm.stats import spread
+
+        return float(spread(self.per_seed)["std"])
 
     def summary(self) -> dict[str, Any]:
         """The ``results.json`` entry: {"metric", "mean", "std", "seeds"}."""
