@@ -170,7 +170,7 @@ from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
 
 offline, out, batch, iterations, resume = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 video = synthetic_video(seed=0, num_chunks=12)
-hooks = ABROnline(30.0, synthetic_traces(6, seed=3), [video], synthetic_traces(4, seed=9), video, envs=4,
+hooks = ABROnline(30.0, synthetic_traces(6, seed=3), [video], synthetic_traces(4, seed=9), [video], envs=4,
                   generated=2, high_mbps=30.0)
 options = FinetuneOptions(adapter=offline, iterations=iterations, envs=4, batch_size=batch, lr=1e-3, epochs=2)
 run_finetune(NetLLM.from_adapter(offline, task="abr"), NetLLM.from_adapter(offline, task="abr", merge=True), hooks,

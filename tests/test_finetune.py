@@ -222,7 +222,7 @@ def test_abr_ppo_iteration_on_fcc_like_and_generated_traces(tiny_llama, tmp_path
     offline = tmp_path / "offline"
     model.save_adapter(offline, extra={"target_return": 30.0})
     video = synthetic_video(seed=0, num_chunks=12)
-    hooks = ABROnline(30.0, synthetic_traces(4, seed=3), [video], synthetic_traces(2, seed=9), video, envs=2,
+    hooks = ABROnline(30.0, synthetic_traces(4, seed=3), [video], synthetic_traces(2, seed=9), [video], envs=2,
                       generated=2, high_mbps=30.0)
     roll = hooks.rollout(NetLLM.from_adapter(offline, task="abr"), [5])
     assert roll.pool.num_episodes == 4  # 2 training traces + 2 generated
@@ -237,3 +237,24 @@ def test_abr_ppo_iteration_on_fcc_like_and_generated_traces(tiny_llama, tmp_path
                        progress=False)
     policy = NetLLMABRPolicy.from_adapter(out, device="cpu")
     assert np.isfinite(evaluate(policy, synthetic_traces(2, seed=11), video, [1]).mean)
+
+
+def test_abr_validation_over_several_videos_and_generated_traces(tiny_llama, tmp_path):
+    """--valid-video video1,video2 --valid-generated N: the score is the mean over every
+    (trace, video) episode, and the generated traces come from a seed no iteration draws."""
+    from netllm.tasks.abr.online import VALID_GENERATED_SEED, ABROnline
+    from netllm.tasks.abr.task import NetLLMABRPolicy, evaluate, model_config as abr_config
+    from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
+
+    torch.manual_seed(0)
+    model = NetLLM(abr_config(llm=tiny_llama, layers=2, rank=4, context=4))
+    videos = [synthetic_video(seed=0, num_chunks=12), synthetic_video(seed=1, num_chunks=12)]
+    hooks = ABROnline(30.0, synthetic_traces(4, seed=3), videos[:1], synthetic_traces(2, seed=9), videos, envs=2,
+                      low_mbps=0.5, high_mbps=30.0, valid_generated=3)
+    assert len(hooks.valid) == 5
+    drawn = synthetic_traces(3, seed=VALID_GENERATED_SEED, low_mbps=0.5, high_mbps=30.0)
+    assert all(np.array_equal(a.bandwidth_mbps, b.bandwidth_mbps) for a, b in zip(hooks.valid[2:], drawn))
+    assert VALID_GENERATED_SEED < 100_000  # ABRTask.finetune's iterations draw from 100,000 up
+    per_video = [evaluate(NetLLMABRPolicy(model, 30.0), hooks.valid, v, [1]).mean for v in videos]
+    assert per_video[0] != pytest.approx(per_video[1])  # both videos count, not one twice
+    assert hooks.validate(model) == pytest.approx(float(np.mean(per_video)), rel=1e-6)

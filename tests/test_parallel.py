@@ -205,7 +205,7 @@ def test_abr_finetune_rollouts_on_two_workers_equal_one_process(tiny_llama, tmp_
     video = synthetic_video(seed=0, num_chunks=12)
 
     def hooks():
-        return ABROnline(30.0, synthetic_traces(6, seed=3), [video], synthetic_traces(3, seed=9), video, envs=3,
+        return ABROnline(30.0, synthetic_traces(6, seed=3), [video], synthetic_traces(3, seed=9), [video], envs=3,
                          generated=2, high_mbps=30.0)
 
     _finetune_alone_and_spread(hooks, offline, "abr", lambda it: [it], tmp_path, two_workers)

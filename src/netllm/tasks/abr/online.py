@@ -11,7 +11,11 @@ generated fresh over a wide bandwidth range and variability (``traces.synthetic_
 the idea behind GENET's and UDR's randomised training environments), all in lock-step
 (``BatchABREnv``), the policy sampling its levels through the batched decision path. A
 decision's return-to-go is the target minus the QoE earned before it, as at run time.
-Validation: mean QoE on ``--valid-traces`` (default ``fcc-holdout``, which no pool plays).
+Validation: mean QoE on ``--valid-traces`` (default ``fcc-holdout``, which no pool plays)
+played with every ``--valid-video``, plus ``--valid-generated`` Markov-chain traces drawn
+once from the training generator's range with a seed no iteration uses
+(``VALID_GENERATED_SEED``): more episodes, so that picking the best of many iterations
+picks less noise.
 With ``--workers`` both are cut into trace shards played on the Ray workers (``Spread``).
 """
 
@@ -30,6 +34,10 @@ from netllm.tasks.abr.task import NetLLMABRPolicy, play_shard, concat_episodes
 from netllm.tasks.abr.traces import synthetic_traces
 
 
+# iterations draw their generated traces from seeds >= 100,000 (``ABRTask.finetune``)
+VALID_GENERATED_SEED = 99_999
+
+
 class ABROnline:
     """``OnlineHooks`` of ABR."""
 
@@ -37,11 +45,13 @@ class ABROnline:
     higher_is_better = True
 
     def __init__(self, target: float, traces: Sequence[Any], videos: Sequence[Any], valid: Sequence[Any],
-                 valid_video: Any, envs: int, generated: int = 0, low_mbps: float = 0.2,
-                 high_mbps: float = 20.0) -> None:
-        self.target, self.traces, self.videos, self.valid = target, list(traces), list(videos), list(valid)
-        self.valid_video = valid_video
+                 valid_videos: Sequence[Any], envs: int, generated: int = 0, low_mbps: float = 0.2,
+                 high_mbps: float = 20.0, valid_generated: int = 0) -> None:
+        self.target, self.traces, self.videos = target, list(traces), list(videos)
         self.envs, self.generated, self.low_mbps, self.high_mbps = envs, generated, low_mbps, high_mbps
+        self.valid = list(valid) + (synthetic_traces(valid_generated, seed=VALID_GENERATED_SEED, low_mbps=low_mbps,
+                                                     high_mbps=high_mbps) if valid_generated else [])
+        self.valid_videos = list(valid_videos)
 
     def rollout(self, model: NetLLM, seeds: list[int], spread: Spread = LOCAL) -> Rollout:
         seed = int(seeds[0])
@@ -78,8 +88,10 @@ class ABROnline:
         return logp, entropy, hidden, batch.mask.to(model.device)
 
     def validate(self, model: NetLLM, spread: Spread = LOCAL) -> float:
-        """Mean per-chunk QoE on the validation traces (``evaluate``'s, seed 1)."""
-        parts = spread(self, model, _valid_shard, spread.split(len(self.valid)), self.valid, self.valid_video)
+        """Mean per-chunk QoE over every (validation trace, validation video) episode
+        (``evaluate``'s setting, seed 1)."""
+        parts = [part for video in self.valid_videos
+                 for part in spread(self, model, _valid_shard, spread.split(len(self.valid)), self.valid, video)]
         return float(np.concatenate(parts).mean())
 
 

@@ -464,7 +464,10 @@ class ABRFinetuneOptions(FinetuneOptions):
     low_mbps: float = opt(0.2, "Lowest bandwidth of the generated traces.", min=0)
     high_mbps: float = opt(20.0, "Highest bandwidth of the generated traces.", min=0)
     valid_traces: str = opt("fcc-holdout", f"Validation trace set ({TRACE_HELP}).")
-    valid_video: str = opt("video1", f"Validation video ({VIDEO_HELP}).")
+    valid_video: str = opt("video1", "Validation video(s), comma-separated; validation is the mean QoE over "
+                           f"every (trace, video) ({VIDEO_HELP}).")
+    valid_generated: int = opt(0, "Also validate on N Markov-chain traces from --low-mbps..--high-mbps, drawn "
+                               "once with a seed no iteration uses (0: none).", min=0)
 
     def check(self) -> None:
         super().check()
@@ -612,9 +615,10 @@ class ABRTask(Task):
         model = NetLLM.from_adapter(options.adapter, task="abr", device=device)
         ref = NetLLM.from_adapter(options.adapter, task="abr", device=device, merge=True)
         hooks = ABROnline(target, load_traces(options.traces), [load_video(v) for v in split_list(options.videos,
-                          "--videos")], load_traces(options.valid_traces), load_video(options.valid_video),
+                          "--videos")], load_traces(options.valid_traces),
+                          [load_video(v) for v in split_list(options.valid_video, "--valid-video")],
                           envs=options.envs, generated=options.generated, low_mbps=options.low_mbps,
-                          high_mbps=options.high_mbps)
+                          high_mbps=options.high_mbps, valid_generated=options.valid_generated)
         extra["finetuned_from"] = str(options.adapter)
         return run_finetune(model, ref, hooks, options, out, extra=extra, resume=resume,
                             seeds_of=lambda it: [100_000 + options.seed * 1_000_000 + it])
