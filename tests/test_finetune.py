@@ -242,7 +242,7 @@ def test_abr_ppo_iteration_on_fcc_like_and_generated_traces(tiny_llama, tmp_path
 def test_abr_validation_over_several_videos_and_generated_traces(tiny_llama, tmp_path):
     """--valid-video video1,video2 --valid-generated N: the score is the mean over every
     (trace, video) episode, and the generated traces come from a seed no iteration draws."""
-    from netllm.tasks.abr.online import VALID_GENERATED_SEED, ABROnline
+    from netllm.tasks.abr.online import ITERATION_SEED, VALID_GENERATED_SEED, ABROnline
     from netllm.tasks.abr.task import NetLLMABRPolicy, evaluate, model_config as abr_config
     from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
 
@@ -254,7 +254,7 @@ def test_abr_validation_over_several_videos_and_generated_traces(tiny_llama, tmp
     assert len(hooks.valid) == 5
     drawn = synthetic_traces(3, seed=VALID_GENERATED_SEED, low_mbps=0.5, high_mbps=30.0)
     assert all(np.array_equal(a.bandwidth_mbps, b.bandwidth_mbps) for a, b in zip(hooks.valid[2:], drawn))
-    assert VALID_GENERATED_SEED < 100_000  # ABRTask.finetune's iterations draw from 100,000 up
+    assert VALID_GENERATED_SEED < ITERATION_SEED  # ABRTask.finetune's iterations draw from ITERATION_SEED up
     per_video = [evaluate(NetLLMABRPolicy(model, 30.0), hooks.valid, v, [1]).mean for v in videos]
     assert per_video[0] != pytest.approx(per_video[1])  # both videos count, not one twice
     assert hooks.validate(model) == pytest.approx(float(np.mean(per_video)), rel=1e-6)

@@ -39,6 +39,7 @@ from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.options import Options
 from netllm.recipe import Recipe
+from netllm.stats import spread
 from netllm.utils import NetLLMError
 
 if TYPE_CHECKING:
@@ -79,8 +80,6 @@ class Metrics:
     @property
     def std(self) -> float:
         """The sample std over seeds (n - 1), as everywhere in netllm (:func:`netllm.stats.spread`)."""
-        from netllm.stats import spread
-
         return float(spread(self.per_seed)["std"])
 
     def summary(self) -> dict[str, Any]:

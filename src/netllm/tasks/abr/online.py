@@ -34,8 +34,10 @@ from netllm.tasks.abr.task import NetLLMABRPolicy, play_shard, concat_episodes
 from netllm.tasks.abr.traces import synthetic_traces
 
 
-# iterations draw their generated traces from seeds >= 100,000 (``ABRTask.finetune``)
-VALID_GENERATED_SEED = 99_999
+# iteration i of a run with --seed S draws from seed ITERATION_SEED + S * 1,000,000 + i
+# (``ABRTask.finetune``); validation's generated traces from one below, which none draws
+ITERATION_SEED = 100_000
+VALID_GENERATED_SEED = ITERATION_SEED - 1
 
 
 class ABROnline:

@@ -606,7 +606,7 @@ class ABRTask(Task):
         """PPO from the offline adapter (``netllm.finetune``, hooks in ``online.py``) on the
         training traces (+ generated ones); the best adapter on the validation traces goes
         to ``out``."""
-        from netllm.tasks.abr.online import ABROnline
+        from netllm.tasks.abr.online import ITERATION_SEED, ABROnline
         from netllm.tasks.abr.traces import load_traces, load_video
 
         config = read_adapter_config(options.adapter)
@@ -621,7 +621,7 @@ class ABRTask(Task):
                           high_mbps=options.high_mbps, valid_generated=options.valid_generated)
         extra["finetuned_from"] = str(options.adapter)
         return run_finetune(model, ref, hooks, options, out, extra=extra, resume=resume,
-                            seeds_of=lambda it: [100_000 + options.seed * 1_000_000 + it])
+                            seeds_of=lambda it: [ITERATION_SEED + options.seed * 1_000_000 + it])
 
     def _finetune_stage(self, runs: dict[str, dict[int, Path]], options: ABRBenchOptions, out: Path,
                         wall_s: dict[str, float], device: str) -> dict[str, dict[int, Path]]:
