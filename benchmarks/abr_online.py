@@ -9,7 +9,8 @@ conditions no training run saw.
         --train-seeds 0,1,2 [--out runs/abr-online.json] [--cache runs/abr-online-cache] [--partial]
 
 A variant is a recipe: ``NAME=OFFLINE,FINETUNED`` — the offline adapter and the one
-``finetune`` made from it; ``{seed}`` stands for each of ``--train-seeds``. The first
+``finetune`` made from it — or ``NAME=OFFLINE`` alone, for offline recipes that were never
+fine-tuned; ``{seed}`` stands for each of ``--train-seeds``. The first
 variant is compared with each other one (the controls: ``adapt --random-init`` and
 ``--llm scratch``, each followed by the same ``finetune``): what the pretrained LLM is
 worth once the policy learns online.
@@ -66,13 +67,14 @@ def test_sets() -> dict[str, tuple[Any, dict[str, Any]]]:
     return {"fcc-test": (load_traces("fcc-test"), env_setting("fcc-test")), "variable": (variable_traces(), {})}
 
 
-def parse_variant(text: str) -> tuple[str, str, str]:
+def parse_variant(text: str) -> tuple[str, str, str | None]:
+    """``NAME=OFFLINE,FINETUNED`` or ``NAME=OFFLINE`` (an offline recipe only)."""
     name, sep, paths = text.partition("=")
     parts = paths.split(",")
-    if not sep or not name or len(parts) != 2 or not all(parts):
-        raise NetLLMError(f"--variant {text!r}: expected NAME=OFFLINE,FINETUNED (adapter folders; {{seed}} "
-                          "stands for each training seed)")
-    return name, parts[0], parts[1]
+    if not sep or not name or len(parts) not in (1, 2) or not all(parts):
+        raise NetLLMError(f"--variant {text!r}: expected NAME=OFFLINE,FINETUNED or NAME=OFFLINE (adapter "
+                          "folders; {seed} stands for each training seed)")
+    return name, parts[0], parts[1] if len(parts) == 2 else None
 
 
 def per_trace_qoe(cache: Path, policy: str | Path, sets: dict[str, tuple[Any, dict[str, Any]]],
@@ -93,7 +95,7 @@ def mean(values: dict[str, float]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--variant", action="append", required=True, metavar="NAME=OFFLINE,FINETUNED")
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME=OFFLINE[,FINETUNED]")
     ap.add_argument("--train-seeds", default="0", help="Training seeds that {seed} stands for (e.g. 0,1,2).")
     ap.add_argument("--baselines", default="genet,mpc,bba")
     ap.add_argument("--partial", action="store_true", help="Skip (variant, seed) runs that are not there yet.")
@@ -121,10 +123,11 @@ def run(args: argparse.Namespace) -> None:
 
     runs: dict[str, dict[int, dict[str, Path]]] = {}
     missing: list[str] = []
+    stages = {name: STAGES if fin else STAGES[:1] for name, _, fin in variants}
     for name, off, fin in variants:
         runs[name] = {}
         for s in seeds:
-            paths = {"offline": Path(off.replace("{seed}", str(s))), "finetuned": Path(fin.replace("{seed}", str(s)))}
+            paths = {st: Path(p.replace("{seed}", str(s))) for st, p in zip(STAGES, (off, fin)) if p}
             absent = [str(p) for p in paths.values() if not (p / "adapter_config.json").is_file()]
             if absent and not args.partial:
                 raise NetLLMError(f"--variant {name}, training seed {s}: no adapter in {', '.join(absent)} "
@@ -134,7 +137,7 @@ def run(args: argparse.Namespace) -> None:
             else:
                 runs[name][s] = paths
     if not any(runs.values()):
-        raise NetLLMError("--variant: no run has both adapters yet")
+        raise NetLLMError("--variant: no run has its adapters yet")
 
     sets = test_sets()
     qoe: dict[str, dict[int, dict[str, dict[str, dict[str, float]]]]] = {}
@@ -158,7 +161,8 @@ def run(args: argparse.Namespace) -> None:
             return {t: full[t] for t in unseen}
         return per_trace[key]
 
-    report: dict[str, Any] = {"variants": {n: {"offline": off, "finetuned": fin} for n, off, fin in variants},
+    report: dict[str, Any] = {"variants": {n: {st: p for st, p in zip(STAGES, (off, fin)) if p}
+                                           for n, off, fin in variants},
                               "train_seeds": seeds, "missing": missing, "unseen_traces": len(unseen),
                               "held_out": {k: list(v) if isinstance(v, tuple) else v for k, v in VARIABLE_TRACES.items()},
                               "results": {}}
@@ -168,10 +172,10 @@ def run(args: argparse.Namespace) -> None:
         best = max(baselines, key=lambda b: b_means[b]) if baselines else None
         res: dict[str, Any] = {"baselines": b_means, "best_baseline": best, "variants": {}, "comparisons": {}}
         for name in names:
-            per_seed = {s: {st: mean(pick(qoe[name][s][st], key)) for st in STAGES} for s in qoe[name]}
+            per_seed = {s: {st: mean(pick(qoe[name][s][st], key)) for st in stages[name]} for s in qoe[name]}
             res["variants"][name] = {
                 "per_seed": {str(s): v for s, v in per_seed.items()},
-                **{st: spread({s: v[st] for s, v in per_seed.items()}) for st in STAGES if per_seed}}
+                **{st: spread({s: v[st] for s, v in per_seed.items()}) for st in stages[name] if per_seed}}
 
         def compare(a: tuple[str, str], b: tuple[str, str] | str, key: str = key) -> dict[str, Any] | None:
             """a − b, per training seed (per trace) and over the training seeds both have."""
@@ -188,12 +192,15 @@ def run(args: argparse.Namespace) -> None:
 
         comps: dict[str, Any] = {}
         for name in names:
-            comps[f"{name} finetuned − offline"] = compare((name, "finetuned"), (name, "offline"))
+            last = stages[name][-1]
+            if last == "finetuned":
+                comps[f"{name} finetuned − offline"] = compare((name, "finetuned"), (name, "offline"))
             if best:
-                comps[f"{name} finetuned − {best}"] = compare((name, "finetuned"), best)
+                comps[f"{name} {last} − {best}"] = compare((name, last), best)
         for other in names[1:]:
-            for st in STAGES:
-                comps[f"{first} {st} − {other} {st}"] = compare((first, st), (other, st))
+            for st in stages[first]:
+                if st in stages[other]:
+                    comps[f"{first} {st} − {other} {st}"] = compare((first, st), (other, st))
         res["comparisons"] = {k: v for k, v in comps.items() if v is not None}
         report["results"][key] = res
     atomic_write_json(args.out, report)
@@ -210,19 +217,25 @@ def short(diff: dict[str, Any]) -> str:
 
 def print_report(report: dict[str, Any], names: list[str]) -> None:
     seeds = ",".join(str(s) for s in report["train_seeds"])
-    table = Table(title=f"ABR: offline → fine-tuned (mean QoE, mean ± std over training seeds {seeds})")
+    table = Table(title=f"ABR: offline → fine-tuned (mean QoE, mean ± std over training seeds {seeds}; "
+                        "a variant without a fine-tuned stage shows its offline adapter)")
     table.add_column("test set")
     first = next(iter(report["results"].values()))
     for b in first["baselines"]:
         table.add_column(b)
     for n in names:
-        table.add_column(f"{n} offline → fine-tuned")
+        fin = "finetuned" in report["variants"][n]
+        table.add_column(f"{n} offline → fine-tuned" if fin else f"{n} offline")
     for key, res in report["results"].items():
         cells = [f"{v:.3f}" for v in res["baselines"].values()]
         for n in names:
             v = res["variants"][n]
-            cells.append("—" if "offline" not in v else
-                         f"{v['offline']['mean']:.3f} → {v['finetuned']['mean']:.3f} ± {v['finetuned']['std']:.3f}")
+            if "offline" not in v:
+                cells.append("—")
+            elif "finetuned" in v:
+                cells.append(f"{v['offline']['mean']:.3f} → {v['finetuned']['mean']:.3f} ± {v['finetuned']['std']:.3f}")
+            else:
+                cells.append(f"{v['offline']['mean']:.3f} ± {v['offline']['std']:.3f}")
         table.add_row(key, *cells)
     console.print(table)
     diffs = Table(title="Paired differences, 95 % t intervals: over training seeds; per training seed over traces")
