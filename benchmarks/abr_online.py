@@ -37,7 +37,8 @@ training seed when there are several.
 Evaluations are cached (``--cache``, keyed by the adapter's files and the test set, as
 ``netllm bench abr`` caches them: its ``<out>/eval-cache`` serves this script too), so
 adding a training seed later evaluates only what is new.
-``--partial`` reports the (variant, seed) runs whose adapters exist and names the rest.
+``--partial`` reports the (variant, seed) runs that have finished and names the rest (a
+run still training is never tested: its folder holds only the best adapter so far).
 
 Selection of every fine-tuned adapter was on ``fcc-holdout`` (its own validation), never here.
 """
@@ -45,6 +46,7 @@ Selection of every fine-tuned adapter was on ``fcc-holdout`` (its own validation
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from netllm.checkpoint import completed_steps
 from netllm.stats import describe, paired_difference, spread
 from netllm.tasks.abr.baselines import BASELINES
 from netllm.tasks.abr.task import cached_evaluation, env_setting
@@ -77,6 +80,19 @@ def parse_variant(text: str) -> tuple[str, str, str | None]:
     return name, parts[0], parts[1] if len(parts) == 2 else None
 
 
+def finished(folder: Path) -> bool:
+    """An adapter whose run (``adapt``: its steps, ``finetune``: its iterations) has ended; a
+    run still training already holds its best-so-far adapter, which must not be tested."""
+    if not (folder / "adapter_config.json").is_file():
+        return False
+    try:
+        config = json.loads((folder / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return True  # no record of the run's length: taken as it is
+    total = config.get("iterations", config.get("steps"))
+    return total is None or completed_steps(folder / "train") >= int(total)
+
+
 def per_trace_qoe(cache: Path, policy: str | Path, sets: dict[str, tuple[Any, dict[str, Any]]],
                   label: str) -> dict[str, dict[str, float]]:
     """``{"fcc-test/video1": {trace: QoE}, …}`` on every test set and video (evaluation seed 1)."""
@@ -98,7 +114,7 @@ def main() -> None:
     ap.add_argument("--variant", action="append", required=True, metavar="NAME=OFFLINE[,FINETUNED]")
     ap.add_argument("--train-seeds", default="0", help="Training seeds that {seed} stands for (e.g. 0,1,2).")
     ap.add_argument("--baselines", default="genet,mpc,bba")
-    ap.add_argument("--partial", action="store_true", help="Skip (variant, seed) runs that are not there yet.")
+    ap.add_argument("--partial", action="store_true", help="Skip (variant, seed) runs that have not finished yet.")
     ap.add_argument("--out", type=Path, default=Path("runs/abr-online.json"))
     ap.add_argument("--cache", type=Path, default=None,
                     help="Cached evaluations (default: <out>-cache; a bench's <out>/eval-cache shares its results).")
@@ -128,10 +144,10 @@ def run(args: argparse.Namespace) -> None:
         runs[name] = {}
         for s in seeds:
             paths = {st: Path(p.replace("{seed}", str(s))) for st, p in zip(STAGES, (off, fin)) if p}
-            absent = [str(p) for p in paths.values() if not (p / "adapter_config.json").is_file()]
+            absent = [str(p) for p in paths.values() if not finished(p)]
             if absent and not args.partial:
-                raise NetLLMError(f"--variant {name}, training seed {s}: no adapter in {', '.join(absent)} "
-                                  "(--partial reports the runs that exist)")
+                raise NetLLMError(f"--variant {name}, training seed {s}: no finished adapter in {', '.join(absent)} "
+                                  "(--partial reports the runs that have finished)")
             if absent:
                 missing.append(f"{name} seed {s}")
             else:
