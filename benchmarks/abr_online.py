@@ -54,7 +54,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from netllm.checkpoint import completed_steps
+from netllm.recipe import stage_done
 from netllm.stats import describe, paired_difference, spread
 from netllm.tasks.abr.baselines import BASELINES
 from netllm.tasks.abr.task import cached_evaluation, env_setting
@@ -83,14 +83,11 @@ def parse_variant(text: str) -> tuple[str, str, str | None]:
 def finished(folder: Path) -> bool:
     """An adapter whose run (``adapt``: its steps, ``finetune``: its iterations) has ended; a
     run still training already holds its best-so-far adapter, which must not be tested."""
-    if not (folder / "adapter_config.json").is_file():
-        return False
     try:
         config = json.loads((folder / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
-        return True  # no record of the run's length: taken as it is
-    total = config.get("iterations", config.get("steps"))
-    return total is None or completed_steps(folder / "train") >= int(total)
+        config = {}  # no record of the run's length: its adapter is taken as it is
+    return stage_done(folder, int(config.get("iterations", config.get("steps")) or 0))
 
 
 def per_trace_qoe(cache: Path, policy: str | Path, sets: dict[str, tuple[Any, dict[str, Any]]],

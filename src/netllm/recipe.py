@@ -214,7 +214,8 @@ def check_same_recipe(folder: Path, recipe: Any, config_file: str | None = None)
 
 
 def stage_done(folder: Path, steps: int) -> bool:
-    """Whether ``folder`` holds a finished adaptation of ``steps`` steps (a benchmark reuses it)."""
+    """Whether ``folder`` holds a finished run of ``steps`` steps — an adaptation's optimizer
+    steps or a fine-tuning's iterations (a benchmark reuses it)."""
     from netllm.checkpoint import completed_steps
     from netllm.model import ADAPTER_CONFIG
 

@@ -23,7 +23,8 @@ from netllm.model import ADAPTER_CONFIG, NetLLM, NetLLMConfig, read_adapter_conf
 from netllm.rl import ExperiencePool, IncrementalPolicy, RLSpec, WindowSampler, action_loss, target_return
 from netllm.tasks.base import Metrics, Task
 from netllm.options import Options, opt, split_list
-from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, train_variants)
+from netllm.recipe import (TRAIN_SEEDS_HELP, Recipe, check_train_seeds, decision_speed, run_adaptation, stage_done,
+                           train_variants)
 from netllm.results import combine_train_seeds, comparisons, print_comparisons
 from netllm.finetune import FinetuneOptions, check_adapter, run_finetune
 from netllm.utils import NetLLMError, seed_everything
@@ -639,7 +640,7 @@ class ABRTask(Task):
                                                       envs=options.finetune_envs,
                                                       generated=options.finetune_generated, seed=s)
                 check_run_folder(ft, ft_options, resume=True)
-                if _finetune_done(ft, options.finetune_iterations):
+                if stage_done(ft, options.finetune_iterations):
                     continue
                 t0 = time.perf_counter()
                 self.finetune(ft_options, ft, device=device, resume=True)
@@ -762,12 +763,6 @@ def cached_evaluation(cache: Path | None, policy: str | Path, set_name: str, tra
     else:
         key, make = f"baseline {policy} on {where}", lambda: policy_by_name(policy)
     return cached_metrics(cache, key, lambda: evaluate(make(), traces, load_video(video), seeds, **env_options))
-
-
-def _finetune_done(folder: Path, iterations: int) -> bool:
-    from netllm.checkpoint import completed_steps
-
-    return (folder / ADAPTER_CONFIG).is_file() and completed_steps(folder / "train") >= iterations
 
 
 def _genet_available() -> bool:
