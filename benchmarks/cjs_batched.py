@@ -3,7 +3,7 @@ decisions (``tasks/cjs/vec.py``): wall time of the same seeds, same policy, same
 and whether every seed's episode is the same both ways.
 
     NETLLM_DATA=../shared/data OMP_NUM_THREADS=1 .venv/bin/python benchmarks/cjs_batched.py \\
-        [--adapter runs/cjs-d48] --seeds 1-10 --jobs 200 [--out runs/cjs-batched.json]
+        [--adapter runs/cjs-d48] --seeds 1-10 --jobs 200 [--dtype fp32,bf16] [--out runs/cjs-batched.json]
 
 Without ``--adapter`` the NetLLM scheduler is SmolLM2 cut to 4 layers with fresh LoRA,
 encoders and heads (the recipe's model, untrained): the timing does not need a trained
@@ -22,7 +22,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from netllm.backbone import inference_precision
 from netllm.model import NetLLM
+from netllm.options import split_list
 from netllm.tasks.cjs.baselines import make_scheduler
 from netllm.tasks.cjs.features import load_gnn
 from netllm.tasks.cjs.jobs import load_all
@@ -59,23 +61,32 @@ def main() -> None:
     parser.add_argument("--envs", type=int, default=None)
     parser.add_argument("--decode", default="argmax")
     parser.add_argument("--skip-decima", action="store_true")
+    parser.add_argument("--dtype", default="fp32", help="the LLM's precision, as `netllm eval --dtype`: fp32, bf16, "
+                                                        "or both (fp32,bf16: each timed in turn, same run)")
     parser.add_argument("--out", default="runs/cjs-batched.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     seeds = parse_seeds(args.seeds)
     config = CJSConfig(num_jobs=args.jobs)
     load_all()
-    if args.adapter:
-        netllm = NetLLMCJSPolicy.from_adapter(args.adapter, device="cpu", decode=args.decode)
-    else:
-        torch.manual_seed(0)
-        model = NetLLM(model_config(layers=4), device="cpu").eval()
-        model.backbone.merge_lora()  # as evaluation loads an adapter
-        netllm = NetLLMCJSPolicy(model, target=-50.0, gnn=load_gnn("decima"),
-                                 temperature=decode_temperature(args.decode), name="netllm-untrained")
+    dtypes = split_list(args.dtype, "--dtype", ("fp32", "bf16"))
+    policies: dict[str, Any] = {}
+    for dtype in dtypes:
+        if args.adapter:
+            with inference_precision(dtype):
+                netllm = NetLLMCJSPolicy.from_adapter(args.adapter, device="cpu", decode=args.decode)
+        else:
+            torch.manual_seed(0)
+            model = NetLLM(model_config(layers=4), device="cpu").eval()
+            model.backbone.merge_lora()  # as evaluation loads an adapter
+            if dtype == "bf16":
+                model.backbone.cast(torch.bfloat16)
+            netllm = NetLLMCJSPolicy(model, target=-50.0, gnn=load_gnn("decima"),
+                                     temperature=decode_temperature(args.decode), name="netllm-untrained")
+        policies[netllm.name + ("" if len(dtypes) == 1 else f"-{dtype}")] = netllm
     report: dict[str, Any] = {"seeds": seeds, "jobs": args.jobs, "envs": args.envs or len(seeds),
-                              "adapter": args.adapter, "decode": args.decode, "threads": torch.get_num_threads()}
-    policies = {netllm.name: netllm}
+                              "adapter": args.adapter, "decode": args.decode, "dtype": dtypes,
+                              "threads": torch.get_num_threads()}
     if not args.skip_decima:
         policies["decima"] = make_scheduler("decima")
     table = Table(title=f"CJS evaluation, {len(seeds)} seeds x {args.jobs} jobs: one at a time vs batched")

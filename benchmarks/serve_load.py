@@ -2,7 +2,8 @@
 simulator on a real FCC trace, asking the server for every chunk.
 
     NETLLM_DATA=../shared/data .venv/bin/python benchmarks/serve_load.py --adapter runs/abr \\
-        [--players 32] [--traces 32] [--deadline-ms 200] [--max-seconds 600] [--out runs/serve-load.json]
+        [--players 32] [--traces 32] [--deadline-ms 200] [--max-seconds 600] [--dtype fp32|bf16] \\
+        [--out runs/serve-load.json]
 
 The server is the real CLI (``netllm serve``) in its own process; the players are asyncio
 tasks here, closed-loop (a player asks for the next chunk as soon as the simulator has
@@ -37,6 +38,7 @@ from rich.table import Table
 from netllm.serve.app import free_port
 from netllm.tasks.abr.env import BatchABREnv
 from netllm.tasks.abr.task import NetLLMABRPolicy, env_setting, run_episodes
+from netllm.backbone import inference_precision
 from netllm.tasks.abr.traces import load_traces, load_video
 from netllm.utils import NetLLMError, atomic_write_json
 
@@ -47,7 +49,7 @@ class Server:
     """``netllm serve`` as a subprocess, stopped on exit."""
 
     def __init__(self, adapter: Path, deadline_ms: float, max_sessions: int, threads: int,
-                 fallback: str = "bba") -> None:
+                 fallback: str = "bba", dtype: str = "fp32") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -55,7 +57,7 @@ class Server:
         self.proc = subprocess.Popen(
             [str(exe), "serve", "--adapter", f"abr={adapter}", "--port", str(self.port), "--deadline-ms",
              str(deadline_ms), "--max-sessions", str(max_sessions), "--device", "cpu", "--fallback",
-             f"abr={fallback}"],
+             f"abr={fallback}", "--dtype", dtype],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def __enter__(self) -> "Server":
@@ -171,6 +173,8 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=600.0, help="per run")
     ap.add_argument("--interval-s", type=float, default=0.5,
                     help="paced run: a player asks at most once per interval (a real player: once per 4-s chunk)")
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
+                    help="the LLM's precision, in the server and in the in-process reference")
     ap.add_argument("--out", type=Path, default=Path("runs/serve-load.json"))
     args = ap.parse_args()
     if args.players < 1 or args.traces < 1:
@@ -184,7 +188,8 @@ def main() -> None:
     seed = 1
 
     t0 = time.perf_counter()
-    policy = NetLLMABRPolicy.from_adapter(args.adapter, device="cpu")
+    with inference_precision(args.dtype):
+        policy = NetLLMABRPolicy.from_adapter(args.adapter, device="cpu")
     ep = run_episodes(policy, traces, video, seed, **env_options)
     in_process = {"qoe_per_trace": ep.qoe.mean(axis=1).tolist(), "levels": ep.levels.tolist(),
                   "wall_s": round(time.perf_counter() - t0, 2)}
@@ -192,8 +197,9 @@ def main() -> None:
     report: dict[str, Any] = {"adapter": str(args.adapter), "players": args.players, "trace_set": args.trace_set,
                               "traces": len(traces),
                               "video": video.name, "setting": "upstream" if starts is not None else "random",
-                              "server_threads": args.server_threads, "fallback": args.fallback}
-    with Server(args.adapter, 0.0, args.players, args.server_threads) as srv:
+                              "server_threads": args.server_threads, "fallback": args.fallback,
+                              "dtype": args.dtype}
+    with Server(args.adapter, 0.0, args.players, args.server_threads, dtype=args.dtype) as srv:
         served, wall = asyncio.run(run_players(srv.url, traces, video, starts, args.players, seed, args.max_seconds))
     by_trace = {r["trace"]: r for r in served}
     diffs = [abs(by_trace[t.name]["qoe"] - q) for t, q in zip(traces, in_process["qoe_per_trace"])
@@ -205,7 +211,7 @@ def main() -> None:
                              "qoe_in_process": round(float(np.mean(in_process["qoe_per_trace"][:len(served)])), 4),
                              "max_abs_qoe_diff_per_trace": float(max(diffs)) if diffs else None,
                              "episodes_with_identical_levels": int(same_levels)}
-    with Server(args.adapter, args.deadline_ms, args.players, args.server_threads, args.fallback) as srv:
+    with Server(args.adapter, args.deadline_ms, args.players, args.server_threads, args.fallback, args.dtype) as srv:
         loaded, wall = asyncio.run(run_players(srv.url, traces, video, starts, args.players, seed, args.max_seconds))
         report["deadline"] = {"deadline_ms": args.deadline_ms, **summarise(loaded, wall),
                               "qoe_served": round(float(np.mean([r["qoe"] for r in loaded])), 4)}

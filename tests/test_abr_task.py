@@ -91,8 +91,9 @@ def test_cli_eval_on_user_trace_folder(tmp_path):
     traces = write_trace_folder(tmp_path / "my-traces", synthetic_traces(5, seed=4))
     video = write_video_folder(tmp_path / "my-video", synthetic_video(seed=1))
     r = netllm("eval", "abr", "--policy", "bba", "--policy", "mpc", "--traces", str(traces), "--video", str(video),
-               "--seeds", "1-2", "--out", str(tmp_path / "out"), cwd=tmp_path)
+               "--seeds", "1-2", "--out", str(tmp_path / "out"), "--dtype", "bf16", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["config"]["dtype"] == "bf16"
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results) == {"bba", "mpc"}
     for entry in results.values():

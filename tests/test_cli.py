@@ -45,6 +45,7 @@ def test_seeds_lists_and_ranges():
     (["doctor", "--device", "cuda:7"], "--device"),
     (["data", "fetch", "nonsense"], "nonsense"),
     (["eval", "abr", "--policy", "bba", "--seeds", "3-1"], "--seeds"),
+    (["eval", "abr", "--policy", "bba", "--dtype", "fp16"], "--dtype"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, needle):
     r = netllm(*args)

@@ -217,3 +217,34 @@ def test_merged_lora_is_the_same_function_and_cannot_be_saved(tiny_llama, tmp_pa
     with pytest.raises(NetLLMError, match="merged"):
         merged.save_adapter(tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_bf16_inference_folds_lora_in_float32_then_casts(tiny_llama, tmp_path):
+    """``eval --dtype bf16``: an inference-only model loaded under inference_precision
+    has bf16 weights equal to the float32 merged weights rounded once, answers close to
+    float32, and a training load (no merge) is not touched by the setting."""
+    from netllm.backbone import inference_precision
+
+    model = NetLLM(vp_like_config(tiny_llama), device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_adapter(tmp_path / "a")
+    x = {"history": torch.randn(3, 10, 3), "speed": torch.randn(3, 1, 2)}
+    full = NetLLM.from_adapter(tmp_path / "a", merge=True)
+    with inference_precision("bf16"):
+        half = NetLLM.from_adapter(tmp_path / "a", merge=True)
+        trainable = NetLLM.from_adapter(tmp_path / "a")
+    assert full.backbone.dtype == torch.float32 and half.backbone.dtype == torch.bfloat16
+    assert trainable.backbone.dtype == torch.float32 and not trainable.backbone.merged
+    weights = dict(full.backbone.llm.named_parameters())
+    for name, p in half.backbone.llm.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, weights[name].to(torch.bfloat16)), name
+    with torch.no_grad():
+        a, b = full(x)["future"], half(x)["future"]
+    assert b.dtype == torch.float32 and not torch.equal(a, b)
+    assert torch.allclose(a, b, atol=0.05 * a.abs().max().item())
+    with pytest.raises(NetLLMError, match="--dtype: 'fp16'"):
+        with inference_precision("fp16"):
+            pass

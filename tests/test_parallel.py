@@ -89,7 +89,8 @@ def _fails_on_three(_: None, unit: int) -> int:
 
 
 def test_abr_pool_and_evaluation_on_two_workers_equal_one_process(real_data, tiny_llama, tmp_path, two_workers):
-    from netllm.tasks.abr.task import ABRRecipe, adapt, collect_pool, evaluate, policy_by_name
+    from netllm.recipe import load_policy
+    from netllm.tasks.abr.task import TASK, ABREvalOptions, ABRRecipe, adapt, collect_pool, evaluate, policy_by_name
     from netllm.tasks.abr.traces import load_traces, load_video
 
     traces, video = load_traces("fcc-test")[:12], load_video("video1")
@@ -103,8 +104,9 @@ def test_abr_pool_and_evaluation_on_two_workers_equal_one_process(real_data, tin
                            eval_every=0)
         adapter = adapt(alone, tmp_path / "run", recipe, device="cpu", progress=False)
         netllm = policy_by_name(str(adapter), device="cpu")
+        netllm_bf16 = load_policy(TASK, str(adapter), ABREvalOptions(), "cpu", dtype="bf16")
         serial = {name: evaluate(p, traces, video, [1, 2]) for name, p in
-                  {"mpc": policy_by_name("mpc"), "netllm": netllm}.items()}
+                  {"mpc": policy_by_name("mpc"), "netllm": netllm, "netllm-bf16": netllm_bf16}.items()}
     finally:
         parallel._ACTIVE = global_active
     assert pooled.meta == alone.meta and len(pooled) == len(alone)
@@ -113,8 +115,11 @@ def test_abr_pool_and_evaluation_on_two_workers_equal_one_process(real_data, tin
     for key in alone.states:
         np.testing.assert_array_equal(pooled.states[key], alone.states[key])
     # the adapter is reloaded in each worker from its folder; the episodes are the same
+    # (the bf16 one in bf16 there too: its source carries --dtype)
+    assert netllm_bf16._netllm_source.load().model.backbone.dtype == torch.bfloat16
     spread = {"mpc": evaluate(policy_by_name("mpc"), traces, video, [1, 2]),
-              "netllm": evaluate(netllm, traces, video, [1, 2])}
+              "netllm": evaluate(netllm, traces, video, [1, 2]),
+              "netllm-bf16": evaluate(netllm_bf16, traces, video, [1, 2])}
     for name in serial:
         assert spread[name].per_seed == serial[name].per_seed
         assert spread[name].rows == serial[name].rows

@@ -61,6 +61,35 @@ def test_named_adapters_share_one_backbone_and_equal_standalone_models(adapters,
         shared["abr"].save_adapter(adapters["abr"].parent / "x")
 
 
+def test_serving_in_bf16_uses_evals_weights_and_keeps_lora_float32(adapters, tiny_llama):
+    """``serve --dtype bf16``: one adapter is folded in float32 and rounded once, the
+    weights of ``eval --dtype bf16``; with several, the shared frozen weights are bf16,
+    every LoRA stays float32, and the answers stay close to float32's."""
+    from netllm.backbone import inference_precision
+    from netllm.serve.hub import ModelHub
+
+    one = ModelHub({"abr": adapters["abr"]}, device="cpu", dtype="bf16")
+    with inference_precision("bf16"):
+        evaluated = NetLLM.from_adapter(adapters["abr"], merge=True)
+    served = dict(one.backbone.llm.named_parameters())
+    frozen = [(n, p) for n, p in evaluated.backbone.llm.named_parameters() if "lora_" not in n]
+    assert frozen
+    for name, p in frozen:  # (the folded LoRA matrices are no longer used)
+        assert p.dtype == torch.bfloat16 and torch.equal(served[name], p), name
+    both = ModelHub({"abr": adapters["abr"], "vp": adapters["vp"]}, device="cpu", dtype="bf16")
+    params = dict(both.backbone.llm.named_parameters())
+    assert all(p.dtype == (torch.float32 if "lora_" in n else torch.bfloat16) for n, p in params.items())
+    assert any("lora_" in n for n in params)
+    x = torch.randn(3, 7, 64)
+    with torch.no_grad():
+        ref = {t: NetLLM.from_adapter(adapters[t]).eval().hidden(x)[0] for t in ("abr", "vp")}
+        for t, other in (("abr", "vp"), ("vp", "abr")):
+            got = both.models[t].hidden(x)[0]
+            off = {k: ((got - r).norm() / r.norm()).item() for k, r in ref.items()}
+            # rounding only (a few % on this tiny random LLM), far less than another adapter's LoRA makes
+            assert got.dtype == torch.float32 and off[t] < 0.1 and off[t] < off[other] / 3, (t, off)
+
+
 @pytest.fixture(scope="module")
 def data_env(real_data):
     with pytest.MonkeyPatch.context() as mp:
@@ -285,6 +314,7 @@ def test_cli_refuses_bad_serving_setups_in_one_line(adapters, tmp_path, capsys):
         (["--adapter", f"abr={adapters['abr']}", "--fallback", "abr=oracle"], "--fallback abr=oracle"),
         (["--adapter", f"abr={adapters['abr']}", "--deadline-ms", "-1"], "--deadline-ms"),
         (["--adapter", f"abr={adapters['abr']}", "--max-sessions", "0"], "--max-sessions"),
+        (["--adapter", f"abr={adapters['abr']}", "--dtype", "fp16"], "--dtype"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:

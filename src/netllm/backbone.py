@@ -23,6 +23,8 @@ folder, so the second load takes seconds instead of ~20 s.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import importlib.util
 import inspect
@@ -61,7 +63,11 @@ _MLP_TARGETS = {
     "gpt2": ["c_fc", "mlp.c_proj"],
     "opt": ["fc1", "fc2"],
 }
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The precision of inference-only (merged) models loaded while a command runs: ``netllm
+# eval --dtype`` sets it around loading its policies (see :func:`inference_precision`).
+_INFERENCE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("netllm_inference_dtype", default="auto")
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,10 @@ class Backbone(nn.Module):
         trainable = sum(p.numel() for p in self.llm.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.llm.parameters())
         return trainable, total
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Every weight of the LLM in ``dtype`` (an inference-only, merged backbone)."""
+        self.llm.to(dtype=dtype)
 
     def merge_lora(self) -> None:
         """Fold the LoRA matrices into the frozen weights: the same function with two
@@ -370,7 +380,7 @@ def load_backbone(
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    torch_dtype = resolve_dtype(dtype, dev)
     if spec == SCRATCH:
         return _scratch_backbone(layers, seed, dev, t0)
     # Loading must not consume the caller's random numbers: the GGUF path (first load)
@@ -422,7 +432,37 @@ def _scratch_backbone(layers: int | None, seed: int, dev: torch.device, t0: floa
     return Backbone(model, None, spec=SCRATCH, num_layers=n_layers, lora=None, pretrained=False, report=report)
 
 
-def _resolve_dtype(dtype: str, dev: torch.device) -> torch.dtype:
+@contextlib.contextmanager
+def inference_precision(dtype: str) -> Any:
+    """Within the block, inference-only models (``NetLLM.from_adapter(merge=True)``) load
+    in ``dtype`` (auto, fp32 or bf16); ``auto`` is bf16 on CUDA and float32 elsewhere."""
+    if dtype not in ("auto", "fp32", "bf16", "float32", "bfloat16"):
+        raise NetLLMError(f"--dtype: {dtype!r} is not one of auto, fp32, bf16")
+    token = _INFERENCE_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _INFERENCE_DTYPE.reset(token)
+
+
+def current_inference_precision() -> str:
+    """The precision :func:`inference_precision` set (``auto`` outside of one)."""
+    return _INFERENCE_DTYPE.get()
+
+
+def native_bf16(dev: torch.device) -> bool:
+    """Whether ``dev`` computes bf16 matrix products natively (CUDA with bf16, or a CPU
+    with AMX or AVX512-BF16); elsewhere bf16 is emulated and slower than float32."""
+    if dev.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(cpu, c, lambda: False)()) for c in checks)
+    return False
+
+
+def resolve_dtype(dtype: str, dev: torch.device) -> torch.dtype:
     if dtype in (None, "", "auto"):
         return torch.bfloat16 if dev.type == "cuda" else torch.float32
     if dtype not in _DTYPES:

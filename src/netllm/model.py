@@ -26,10 +26,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from netllm.backbone import DEFAULT_LLM, Backbone, LoraSpec, load_backbone
+from netllm.backbone import DEFAULT_LLM, Backbone, LoraSpec, current_inference_precision, load_backbone, resolve_dtype
 from netllm.encoders import EncoderSpec, ModalityEncoders
 from netllm.heads import HeadSpec, build_head
-from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance, strict_json_dumps
+from netllm.utils import NetLLMError, atomic_path, atomic_write_text, provenance, resolve_device, strict_json_dumps
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,14 @@ class NetLLM(nn.Module):
         config = NetLLMConfig.from_dict(config_dict)
         if backbone is not None:
             check_shares_backbone(folder, config_dict, backbone)
+        final_dtype: torch.dtype | None = None
+        if merge and backbone is None:
+            # an inference-only model: LoRA is folded into float32 weights first, then the
+            # whole LLM is cast once (folding into bf16 weights would round the update)
+            if dtype == "auto":
+                dtype = current_inference_precision()
+            final_dtype = resolve_dtype(dtype, resolve_device(device))
+            dtype = "float32"
         model = cls(config, backbone=backbone, device=device, dtype=dtype)
         if model.hidden_size != config_dict.get("hidden_size", model.hidden_size):
             raise NetLLMError(
@@ -290,6 +298,8 @@ class NetLLM(nn.Module):
         model.eval()
         if merge:
             model.backbone.merge_lora()
+            if final_dtype is not None and final_dtype != model.backbone.dtype:
+                model.backbone.cast(final_dtype)
         return model
 
 

@@ -42,12 +42,13 @@ class PolicySource:
     name: str
     options: Any
     device: str = "cpu"
+    dtype: str = "auto"
 
     def load(self) -> Any:
         from netllm.recipe import load_policy
         from netllm.registry import get_task
 
-        return load_policy(get_task(self.task), self.name, self.options, self.device)
+        return load_policy(get_task(self.task), self.name, self.options, self.device, self.dtype)
 
 
 @dataclass
@@ -72,8 +73,8 @@ def shared_policy(policy: Any) -> Shared:
     baseline name, remembered by ``load_policy``), else receives a pickled copy."""
     source = getattr(policy, REF_ATTRIBUTE, None)
     if isinstance(source, PolicySource):
-        return Shared(source.load, key=f"policy:{source.task}:{source.name}:{source.device}:{id(policy)}",
-                      local=policy)
+        key = f"policy:{source.task}:{source.name}:{source.device}:{source.dtype}:{id(policy)}"
+        return Shared(source.load, key=key, local=policy)
     return Shared(functools.partial(_same, policy), key=f"object:{os.getpid()}:{id(policy)}", local=policy)
 
 

@@ -222,15 +222,18 @@ def stage_done(folder: Path, steps: int) -> bool:
     return (folder / ADAPTER_CONFIG).is_file() and completed_steps(folder / "train") >= steps
 
 
-def load_policy(task: "Task", name: str, options: Any, device: str = "auto") -> Any:
+def load_policy(task: "Task", name: str, options: Any, device: str = "auto", dtype: str = "auto") -> Any:
     """A policy of ``task``: a run folder (a trained adapter, or another run the task
-    knows) or a baseline name. A bad name is a one-line error listing the baselines."""
+    knows) or a baseline name. A bad name is a one-line error listing the baselines.
+    ``dtype`` (auto, fp32, bf16) is the precision of a run folder's inference-only LLM."""
+    from netllm.backbone import inference_precision
     from netllm.parallel import PolicySource, remember_source
 
     path = Path(name)
     if path.is_dir():  # workers (netllm.parallel) reload it from the same folder
-        source = PolicySource(task.name, str(path.resolve()), options, device)
-        return remember_source(task.policy_from_run(path, options, device), source)
+        source = PolicySource(task.name, str(path.resolve()), options, device, dtype)
+        with inference_precision(dtype):
+            return remember_source(task.policy_from_run(path, options, device), source)
     baselines = task.baselines()
     if name in baselines:
         return remember_source(baselines[name](options), PolicySource(task.name, name, options, device))

@@ -142,7 +142,7 @@ class ServeContext:
 
 def create_app(adapters: Mapping[str, str | Path], settings: ServeSettings | None = None,
                task_options: Mapping[str, Any] | None = None, device: str = "auto",
-               hub: Any = None) -> Any:
+               hub: Any = None, dtype: str = "auto") -> Any:
     """The app serving ``adapters`` ({task: adapter folder}). Everything a user can get
     wrong (unknown task, a task that cannot be served, a bad fallback name) is checked
     here, before the models load; ``hub`` (a loaded :class:`ModelHub`) skips loading."""
@@ -180,7 +180,7 @@ def create_app(adapters: Mapping[str, str | Path], settings: ServeSettings | Non
         try:
             from netllm.serve.hub import ModelHub
 
-            loaded = hub if hub is not None else ModelHub(adapters, device=device)
+            loaded = hub if hub is not None else ModelHub(adapters, device=device, dtype=dtype)
             for name, service in services.items():
                 service.bind(loaded.models[name], loaded.folders[name])
             ctx.hub = loaded

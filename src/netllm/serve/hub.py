@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from netllm.backbone import Backbone, load_backbone
+from netllm.backbone import Backbone, load_backbone, resolve_dtype
 from netllm.model import NetLLM, read_adapter_config
-from netllm.utils import NetLLMError
+from netllm.utils import NetLLMError, resolve_device
 
 
 def parse_adapters(values: list[str]) -> dict[str, Path]:
@@ -72,10 +72,13 @@ class ModelHub:
     task's name). Adapters that need another base (model, layer count, random-weight
     control) are refused before anything is loaded, naming the adapter."""
 
-    def __init__(self, adapters: Mapping[str, str | os.PathLike[str]], device: str = "auto") -> None:
+    def __init__(self, adapters: Mapping[str, str | os.PathLike[str]], device: str = "auto",
+                 dtype: str = "auto") -> None:
         configs, base = check_adapters(adapters)
+        target = resolve_dtype(dtype, resolve_device(device))  # auto: bf16 on CUDA, float32 elsewhere
         self.backbone: Backbone = load_backbone(base["llm"], layers=base["layers"], lora=None, device=device,
-                                                pretrained=bool(base["pretrained"]), seed=int(base["seed"] or 0))
+                                                dtype="float32", pretrained=bool(base["pretrained"]),
+                                                seed=int(base["seed"] or 0))
         self.models: dict[str, NetLLM] = {}
         self.folders = {task: Path(folder) for task, folder in adapters.items()}
         for task, folder in self.folders.items():
@@ -85,6 +88,11 @@ class ModelHub:
         if len(self.models) == 1:  # nothing to switch: fold LoRA in (faster, and the same weights as `eval`)
             self.backbone.llm.merge_adapter()
             self.backbone.merged = True
+            self.backbone.cast(target)  # folded in float32, rounded once: `eval --dtype`'s weights
+        else:  # the frozen weights in ``target``; every adapter's LoRA stays float32
+            for name, p in self.backbone.llm.named_parameters():
+                if "lora_" not in name:
+                    p.data = p.data.to(target)
 
     def describe(self) -> dict[str, Any]:
         _, total = self.backbone.parameter_counts()
