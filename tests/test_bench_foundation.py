@@ -69,9 +69,17 @@ def test_peak_is_known_only_for_bf16_on_a_named_gpu():
     assert dict(PEAK_TFLOPS)["H200"] == pytest.approx(989.4)
 
 
-def test_bf16_on_a_cpu_is_refused_before_anything_is_written(tiny_llama, tmp_path):
+def test_bf16_on_a_cpu_without_native_bf16_is_refused_before_anything_is_written(tiny_llama, tmp_path,
+                                                                                  monkeypatch):
+    import netllm.backbone
     from netllm.bench import run_foundation_bench
+    from netllm.recipe import training_precision
 
-    with pytest.raises(NetLLMError, match="--dtype bf16"):
+    monkeypatch.setattr(netllm.backbone, "native_bf16", lambda dev: False)
+    with pytest.raises(NetLLMError, match="--dtype bf16: .*this cpu has none"):
         run_foundation_bench(llm=tiny_llama, device="cpu", out=tmp_path / "b", dtype="bf16")
     assert not (tmp_path / "b").exists()
+    assert training_precision("auto", torch.device("cpu")) == "no"
+    monkeypatch.setattr(netllm.backbone, "native_bf16", lambda dev: True)  # a CPU with AMX
+    assert training_precision("bf16", torch.device("cpu")) == "bf16"
+    assert training_precision("auto", torch.device("cpu")) == "no"  # fp32 stays the CPU default

@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from netllm.backbone import native_bf16
+
 
 
 class _Launch(list):
@@ -121,7 +123,8 @@ def test_without_dropout_two_processes_equal_one_with_twice_the_accumulation(tmp
 @pytest.mark.integration
 def test_accelerate_launch_runs_netllm_adapt(tiny_llama, real_data, tmp_path, monkeypatch):
     """The CLI itself under `accelerate launch -m netllm`: one run folder, one adapter,
-    which `netllm eval` loads; --dtype bf16 on a CPU is refused before anything is written."""
+    which `netllm eval` loads; --dtype bf16 trains on a CPU with native bf16 and is refused
+    before anything is written on one without."""
     from netllm.tasks.abr.task import collect_pool, evaluate, policy_by_name
     from netllm.tasks.abr.traces import synthetic_traces, synthetic_video
 
@@ -143,8 +146,13 @@ def test_accelerate_launch_runs_netllm_adapt(tiny_llama, real_data, tmp_path, mo
     assert evaluate(policy, traces[:2], video, [1]).mean == evaluate(policy, traces[:2], video, [1]).mean
     bf16 = subprocess.run([sys.executable, "-m", "netllm", *args, "--dtype", "bf16", "--out", str(tmp_path / "b")],
                           capture_output=True, text=True, timeout=300)
-    assert bf16.returncode == 2 and "--dtype bf16" in bf16.stderr and "Traceback" not in bf16.stderr
-    assert not (tmp_path / "b").exists()
+    if native_bf16(torch.device("cpu")):  # a CPU with AMX / AVX512-BF16 trains under bf16 autocast
+        assert bf16.returncode == 0, bf16.stderr
+        assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["extra"]["recipe"]["dtype"] == "bf16"
+        assert all(r == r for r in _losses(tmp_path / "b" / "train"))
+    else:  # elsewhere refused before anything is written
+        assert bf16.returncode == 2 and "--dtype bf16" in bf16.stderr and "Traceback" not in bf16.stderr
+        assert not (tmp_path / "b").exists()
     # the shipped FSDP config on a CPU: one line per process, no run folder
     fsdp = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                           str(Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes",

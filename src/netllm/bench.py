@@ -8,7 +8,7 @@ Measures, side by side in one run:
     and cached load (safetensors from the user cache);
   * training tokens/s of one LoRA step (forward + backward + AdamW) at batch 8 x 160
     tokens (``--batch``, ``--tokens``) with all decoder layers and with 6 layers, in fp32
-    or with bf16 autocast (``--dtype``, CUDA), and its model FLOP utilisation: the FLOPs
+    or with bf16 autocast (``--dtype``; CUDA, or a CPU with AMX), and its model FLOP utilisation: the FLOPs
     the step executes (counted by ``torch.utils.flop_counter`` on one step: matrix
     products and attention, forward and backward — frozen weights get no weight
     gradient, so a LoRA step is ~4 FLOPs per parameter and token, not 6) per second,
@@ -209,7 +209,7 @@ def run_foundation_bench(llm: str = "smollm2", device: str = "auto", out: str | 
     from netllm.recipe import training_precision
 
     dev = resolve_device(device)
-    precision = training_precision(dtype, dev)  # --dtype bf16 off CUDA: one line, before any file
+    precision = training_precision(dtype, dev)  # --dtype bf16 without native bf16: one line, before any file
     peak = peak if peak is not None else peak_tflops(dev, precision)
     out = prepare_run_dir(out, {"command": "bench foundation", "llm": llm, "device": str(dev),
                                 "repeats": repeats, "context": context, "dtype": dtype, "batch": batch,

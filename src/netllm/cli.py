@@ -288,7 +288,7 @@ def _register(task: Any) -> None:
         from netllm.train import check_fsdp_device
 
         device = resolve_device(common["device"])
-        training_precision(recipe.dtype, device)  # --dtype bf16 on a CPU: refused here, before any file
+        training_precision(recipe.dtype, device)  # --dtype bf16 without native bf16: refused here, before any file
         check_fsdp_device(device)  # an FSDP accelerate config on a CPU, too
         task.check_adapt(recipe)
         out = _out(common["out"], f"{name}-adapter")
@@ -364,7 +364,8 @@ def bench_foundation(
     out: Optional[Path] = OUT,
     repeats: int = typer.Option(3, "--repeats", min=1, help="Timed repetitions per measurement."),
     dtype: str = typer.Option("auto", "--dtype", help="Training step precision: fp32, or bf16 (bf16 frozen weights "
-                              "and autocast, CUDA only); auto: bf16 on CUDA, else fp32."),
+                              "and autocast; a CUDA GPU or a CPU with AMX / AVX512-BF16); auto: bf16 on CUDA, "
+                              "else fp32."),
     batch: int = typer.Option(8, "--batch", min=1, help="Sequences per timed training step."),
     tokens: int = typer.Option(160, "--tokens", min=1, help="Tokens per sequence in the timed training step."),
     peak_tflops: Optional[float] = typer.Option(None, "--peak-tflops", min=1e-6, help="The device's peak TFLOP/s "

@@ -49,8 +49,9 @@ class Recipe(Options):
     pretrained: bool = opt(True, "Pretrained LLM weights, or random ones (the control).",
                            flag="--pretrained/--random-init")
     seed: int = opt(0, "Training seed (initialisation, batches).", min=0)
-    dtype: str = opt("auto", "Training precision: fp32, or bf16 (frozen weights in bf16, autocast; CUDA only); "
-                             "auto: bf16 on CUDA, else fp32.", choices=("auto", "fp32", "bf16"))
+    dtype: str = opt("auto", "Training precision: fp32, or bf16 (frozen weights in bf16, autocast; on a CUDA GPU "
+                             "or a CPU with AMX / AVX512-BF16); auto: bf16 on CUDA, else fp32.",
+                     choices=("auto", "fp32", "bf16"))
     gradient_checkpointing: bool = opt(False, "Recompute the LLM's activations in the backward pass (less "
                                               "memory for deep backbones, ~30 % more compute).")
 
@@ -123,16 +124,20 @@ def run_adaptation(model: "NetLLM", get_batch: Callable[[int], Any], loss_fn: Ca
 
 
 def training_precision(dtype: str, device: Any) -> str:
-    """``--dtype`` on ``device`` as the loop's mixed precision: "bf16" or "no"; bf16
-    anywhere but on a CUDA GPU that supports it is a one-line error."""
+    """``--dtype`` on ``device`` as the loop's mixed precision: "bf16" or "no". ``auto``
+    is bf16 on a CUDA GPU that supports it, else fp32; bf16 on a device without native
+    bf16 matrix products (a CPU without AMX or AVX512-BF16, a GPU without bf16) is a
+    one-line error."""
     import torch
 
-    kind = getattr(device, "type", str(device))
+    from netllm.backbone import native_bf16
+
+    dev = device if isinstance(device, torch.device) else torch.device(str(device))
     if dtype == "auto":
-        dtype = "bf16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if dtype == "bf16" and not (kind == "cuda" and torch.cuda.is_bf16_supported()):
-        raise NetLLMError(f"--dtype bf16: trains with bf16 autocast on a CUDA GPU that supports it; this run is "
-                          f"on {kind} (use --dtype fp32)")
+        dtype = "bf16" if dev.type == "cuda" and native_bf16(dev) else "fp32"
+    if dtype == "bf16" and not native_bf16(dev):
+        raise NetLLMError(f"--dtype bf16: trains with bf16 autocast where bf16 matrix products are native (a CUDA "
+                          f"GPU with bf16, a CPU with AMX or AVX512-BF16); this {dev.type} has none (use --dtype fp32)")
     return "bf16" if dtype == "bf16" else "no"
 
 

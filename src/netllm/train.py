@@ -90,7 +90,7 @@ class TrainConfig:
     seed: int = 0  # seeds Python, numpy and torch at the start of a fresh run
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also log to out_dir/tb
-    mixed_precision: Literal["no", "bf16"] = "no"  # "bf16": autocast on CUDA (Accelerate)
+    mixed_precision: Literal["no", "bf16"] = "no"  # "bf16": autocast (Accelerate), CUDA or a CPU with AMX
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> NetLLMError:
@@ -288,9 +288,10 @@ class Processes:
         from accelerate.utils import DistributedDataParallelKwargs
 
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        if mixed_precision == "bf16" and device.type != "cuda":
-            raise NetLLMError(f"--dtype bf16: autocast training needs a CUDA GPU; this run is on {device.type} "
-                              "(use --dtype fp32)")
+        if mixed_precision == "bf16":
+            from netllm.recipe import training_precision
+
+            training_precision("bf16", device)  # a device without native bf16: one line
         if fsdp_launched():
             check_fsdp(model, device)  # before Accelerate, whose own FSDP errors are tracebacks
         self.acc = Accelerator(cpu=device.type == "cpu", mixed_precision=mixed_precision,
