@@ -162,7 +162,8 @@ _COMMON = {
     "resume": (bool, typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint.")),
     "dtype": (str, typer.Option("auto", "--dtype", help="Precision of the LLM's weights at inference: auto (bf16 "
                                                        "on CUDA, fp32 elsewhere), fp32, or bf16 (about 2x faster on "
-                                                       "a CPU with AMX; decisions may differ slightly from fp32).")),
+                                                       "a CPU with AMX; decisions may differ slightly from fp32 and, "
+                                                       "unlike fp32's, with the episodes batched beside them).")),
     "workers": (Optional[int], typer.Option(None, "--workers", help="Spread the episodes over N Ray workers "
                                                                     "(a local Ray; needs the ray extra of netllm).")),
     "ray_address": (Optional[str], typer.Option(None, "--ray-address", help="Run the workers on an existing "
