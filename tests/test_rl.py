@@ -221,3 +221,5 @@ def test_decision_latency_measurement_runs_batched(tiny_llama):
     assert r["batch"] == 2 and r["context_steps"] == 4
     assert all(r[k] > 0 for k in ("incremental_ms", "full_recompute_ms", "cached_step_ms"))
     assert r["per_env_incremental_ms"] == pytest.approx(r["incremental_ms"] / 2)
+    half = measure_decisions(tiny_llama, "cpu", None, context=4, repeats=1, episode_steps=9, batch=2, dtype="bf16")
+    assert half["batch"] == 2 and half["incremental_ms"] > 0  # the same episode with the LLM in bf16

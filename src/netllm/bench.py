@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from netllm.backbone import LoraSpec, load_backbone
+from netllm.backbone import LoraSpec, load_backbone, resolve_dtype
 from netllm.encoders import EncoderSpec
 from netllm.heads import HeadSpec
 from netllm.model import NetLLM, NetLLMConfig
@@ -150,11 +150,11 @@ def measure_train_step(llm: str, device: str, layers: int | None, repeats: int,
 
 
 def measure_decisions(llm: str, device: str, layers: int | None, context: int, repeats: int,
-                      episode_steps: int = 48, batch: int = 1) -> dict[str, float]:
+                      episode_steps: int = 48, batch: int = 1, dtype: str = "fp32") -> dict[str, float]:
     """Per-decision latency over an episode of ``batch`` environments deciding together,
-    as evaluation runs it (LoRA merged): KV-cached incremental vs full recompute. The
-    cached episode re-primes every ``context - context // 2`` steps; the steady-state
-    step (``cached_step_ms``, no re-prime) is reported too."""
+    as evaluation runs it (LoRA merged, the LLM in ``dtype`` as ``eval --dtype``): KV-cached
+    incremental vs full recompute. The cached episode re-primes every ``context - context
+    // 2`` steps; the steady-state step (``cached_step_ms``, no re-prime) is reported too."""
     seed_everything(0)
     config = NetLLMConfig(
         task="bench",
@@ -174,6 +174,8 @@ def measure_decisions(llm: str, device: str, layers: int | None, context: int, r
     )
     model = NetLLM(config, device=device).eval()
     model.backbone.merge_lora()
+    if dtype != "fp32":
+        model.backbone.cast(resolve_dtype(dtype, model.device))
     gen = torch.Generator().manual_seed(0)
     sizes = {"throughput_mbps": 8, "download_s": 8, "chunk_sizes_mb": 6, "buffer_s": 1, "last_level": 1,
              "chunks_left": 1}
