@@ -35,10 +35,10 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from netllm.backbone import inference_precision
 from netllm.serve.app import free_port
 from netllm.tasks.abr.env import BatchABREnv
 from netllm.tasks.abr.task import NetLLMABRPolicy, env_setting, run_episodes
-from netllm.backbone import inference_precision
 from netllm.tasks.abr.traces import load_traces, load_video
 from netllm.utils import NetLLMError, atomic_write_json
 

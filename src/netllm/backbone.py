@@ -432,12 +432,20 @@ def _scratch_backbone(layers: int | None, seed: int, dev: torch.device, t0: floa
     return Backbone(model, None, spec=SCRATCH, num_layers=n_layers, lora=None, pretrained=False, report=report)
 
 
+INFERENCE_DTYPES = ("auto", "fp32", "bf16")
+
+
+def check_inference_dtype(dtype: str) -> None:
+    """``--dtype`` of eval / serve: one of :data:`INFERENCE_DTYPES`, else a one-line error."""
+    if dtype not in INFERENCE_DTYPES:
+        raise NetLLMError(f"--dtype: {dtype!r} is not one of {', '.join(INFERENCE_DTYPES)}")
+
+
 @contextlib.contextmanager
 def inference_precision(dtype: str) -> Any:
     """Within the block, inference-only models (``NetLLM.from_adapter(merge=True)``) load
     in ``dtype`` (auto, fp32 or bf16); ``auto`` is bf16 on CUDA and float32 elsewhere."""
-    if dtype not in ("auto", "fp32", "bf16", "float32", "bfloat16"):
-        raise NetLLMError(f"--dtype: {dtype!r} is not one of auto, fp32, bf16")
+    check_inference_dtype(dtype)
     token = _INFERENCE_DTYPE.set(dtype)
     try:
         yield

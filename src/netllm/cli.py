@@ -250,11 +250,10 @@ def _policies(task: Any, names: list[str], options: Any, device: str, dtype: str
 def _check_inference_dtype(dtype: str, device: str) -> None:
     """``--dtype`` of eval: one of auto, fp32, bf16; bf16 where the hardware emulates it
     runs, with a note that it is slower than fp32 there."""
-    from netllm.backbone import native_bf16
+    from netllm.backbone import check_inference_dtype, native_bf16
     from netllm.utils import resolve_device
 
-    if dtype not in ("auto", "fp32", "bf16"):
-        raise NetLLMError(f"--dtype: {dtype!r} is not one of auto, fp32, bf16")
+    check_inference_dtype(dtype)
     dev = resolve_device(device)
     if dtype == "bf16" and not native_bf16(dev):
         console.print(f"[yellow]note: --dtype bf16 on this {dev.type} has no native bf16 matrix unit "
